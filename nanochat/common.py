@@ -1,0 +1,181 @@
+"""
+Shared plumbing: where files live, distributed set-up, rank-0 printing, robust downloads.
+"""
+
+import os
+import sys
+import time
+import tempfile
+import urllib.request
+import urllib.error
+
+import torch
+import torch.distributed as dist
+from filelock import FileLock
+
+
+def get_base_dir():
+    """All intermediates (data, tokenizer, checkpoints, reports) live here; NANOCHAT_BASE_DIR overrides."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def print0(s="", **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(s, **kwargs)
+
+
+def is_ddp():
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from the variables torchrun sets."""
+    if not is_ddp():
+        return False, 0, 0, 1
+    missing = [v for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE") if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"RANK is set but {', '.join(missing)} is not: launch distributed runs with torchrun")
+    return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        device_type = "cuda"
+    elif torch.backends.mps.is_available():
+        device_type = "mps"
+    else:
+        device_type = "cpu"
+    print0(f"Autodetected device type: {device_type}")
+    return device_type
+
+
+def compute_init(device_type="cuda", seed=42):
+    """Seeds, precision and (under torchrun) the process group: nccl on CUDA, gloo on CPU/MPS."""
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"device_type must be one of cuda, mps, cpu (got {device_type!r})")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device_type is 'cuda' but this PyTorch build sees no CUDA device; use --device_type=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device_type is 'mps' but MPS is not available; use --device_type=cpu")
+
+    # Global seed: only module init uses the global RNG; data and sampling use explicit generators.
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # tf32 matmuls
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+        if ddp:
+            dist.init_process_group(backend="gloo")
+            dist.barrier()
+    if rank == 0 and ddp:
+        print(f"Distributed world size: {world_size} (backend {dist.get_backend()})")
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if is_ddp() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Same calls as a wandb run, doing nothing: used when run == 'dummy'."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def fetch_url_to_file(url, path, retries=5, backoff=1.0, timeout=60, progress=None):
+    """
+    Download url (http(s):// or file://) to path through a temporary file in the same
+    folder, renamed into place only when complete. Retries with exponential backoff.
+    progress(bytes_so_far, total_or_None) is called as bytes arrive.
+    Returns the number of bytes written; raises the last error after the final attempt.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    last_error = None
+    for attempt in range(1, retries + 1):
+        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+                total = response.headers.get("Content-Length")
+                total = int(total) if total is not None else None
+                written = 0
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    written += len(chunk)
+                    if progress is not None:
+                        progress(written, total)
+            if total is not None and written != total:
+                raise IOError(f"truncated download: got {written} of {total} bytes")
+            os.replace(tmp_path, path)
+            return written
+        except (urllib.error.URLError, IOError, OSError, ValueError) as e:
+            last_error = e
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            if isinstance(e, urllib.error.HTTPError) and e.code == 404:
+                break  # a missing file will not appear by retrying
+            if attempt < retries:
+                time.sleep(backoff * 2 ** (attempt - 1))
+    raise last_error
+
+
+def download_file_with_lock(url, filename, postprocess_fn=None):
+    """
+    Download url to <base_dir>/filename once: the first process takes a file lock and
+    downloads, the others wait on the lock and then find the file there.
+    postprocess_fn(path) runs once, under the lock, after a fresh download.
+    """
+    file_path = os.path.join(get_base_dir(), filename)
+    if os.path.exists(file_path):
+        return file_path
+    with FileLock(file_path + ".lock"):
+        if os.path.exists(file_path):
+            return file_path
+        print(f"Downloading {url} ...", file=sys.stderr)
+        nbytes = fetch_url_to_file(url, file_path)
+        print(f"Downloaded {nbytes / 1e6:.1f} MB to {file_path}", file=sys.stderr)
+        if postprocess_fn is not None:
+            postprocess_fn(file_path)
+    return file_path
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write a file via a temporary neighbour and rename, so readers never see it half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def format_seconds(seconds):
+    """Human-readable duration for progress lines and ETAs."""
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
