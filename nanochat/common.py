@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import tempfile
+import http.client
 import urllib.request
 import urllib.error
 
@@ -126,7 +127,7 @@ def fetch_url_to_file(url, path, retries=5, backoff=1.0, timeout=60, progress=No
                 raise IOError(f"truncated download: got {written} of {total} bytes")
             os.replace(tmp_path, path)
             return written
-        except (urllib.error.URLError, IOError, OSError, ValueError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, IOError, OSError, ValueError) as e:
             last_error = e
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
@@ -134,6 +135,10 @@ def fetch_url_to_file(url, path, retries=5, backoff=1.0, timeout=60, progress=No
                 break  # a missing file will not appear by retrying
             if attempt < retries:
                 time.sleep(backoff * 2 ** (attempt - 1))
+        except BaseException:  # interrupted (Ctrl-C, a progress callback that cancels): leave nothing behind
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise
     raise last_error
 
 

@@ -1,0 +1,300 @@
+"""
+The CORE metric of the DCLM paper (https://arxiv.org/abs/2406.11794): in-context-learning tasks
+scored by comparing the model's loss on candidate continuations, no generation needed.
+
+Three kinds of task, all read from the eval bundle (core.yaml + eval_data/*.jsonl):
+- multiple_choice: one question ("query"), several answers ("choices"); the answer whose tokens
+  get the lowest mean loss wins.
+- schema: several contexts ("context_options"), one shared "continuation"; the context under
+  which the continuation gets the lowest mean loss wins.
+- language_modeling: one "context" and its "continuation"; correct only if greedy (argmax)
+  prediction reproduces every continuation token.
+Each prompt is preceded by num_fewshot solved examples of the same task, separated by blank lines.
+
+Per task: accuracy, then centered = (accuracy - b) / (1 - b) with b the random-guess baseline
+(given in percent in eval_meta_data.csv), so 0 means chance and 1 means perfect. CORE is the
+mean centered score over tasks.
+
+The prompt text, few-shot sampling, tokenisation, scoring slices and data order follow the
+reference nanochat (f37d45c) exactly, so numbers are comparable with published ones.
+"""
+
+import csv
+import json
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import format_seconds, print0
+
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+
+# -----------------------------------------------------------------------------
+# Prompt text. A solved few-shot example is "<context><delimiter><answer>" followed by a blank line.
+
+
+def _fewshot_prefix(solved_examples, continuation_delimiter):
+    """solved_examples: list of (context, answer) strings."""
+    return "".join(f"{context}{continuation_delimiter}{answer}\n\n" for context, answer in solved_examples)
+
+
+def render_prompts_mc(item, continuation_delimiter, fewshot_examples=()):
+    """One full prompt per choice; they share everything up to the answer."""
+    prefix = _fewshot_prefix([(ex["query"], ex["choices"][ex["gold"]]) for ex in fewshot_examples], continuation_delimiter)
+    return [f"{prefix}{item['query']}{continuation_delimiter}{choice}" for choice in item["choices"]]
+
+
+def render_prompts_schema(item, continuation_delimiter, fewshot_examples=()):
+    """One full prompt per context option; they share the ending (the continuation)."""
+    solved = [(ex["context_options"][ex["gold"]], ex["continuation"]) for ex in fewshot_examples]
+    prefix = _fewshot_prefix(solved, continuation_delimiter)
+    return [f"{prefix}{context}{continuation_delimiter}{item['continuation']}" for context in item["context_options"]]
+
+
+def render_prompts_lm(item, continuation_delimiter, fewshot_examples=()):
+    """
+    Two prompts: without and with the continuation. Contexts are stripped (some datasets carry
+    trailing spaces), and so is the whole prompt without the continuation: otherwise a trailing
+    space would merge into the continuation's first token in the second prompt, and the first
+    prompt's tokens would no longer be a prefix of the second's.
+    """
+    prefix = _fewshot_prefix([(str(ex["context"]).strip(), ex["continuation"]) for ex in fewshot_examples], continuation_delimiter)
+    question = f"{prefix}{str(item['context']).strip()}{continuation_delimiter}"
+    return [question.strip(), f"{question}{item['continuation']}"]
+
+
+# -----------------------------------------------------------------------------
+# Tokens: which positions of each sequence hold the part being scored
+
+
+def common_prefix_length(sequences):
+    shortest = min(len(s) for s in sequences)
+    for i in range(shortest):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            return i
+    return shortest
+
+
+def common_suffix_length(sequences):
+    return common_prefix_length([s[::-1] for s in sequences])
+
+
+def tokenize_prompts(tokenizer, task_type, prompts):
+    """
+    BOS + prompt tokens, and for each sequence the [start, end) span of tokens being scored.
+    mc: the span starts where the choices' tokens first differ (common token prefix).
+    schema: the span is the common token suffix (the shared continuation).
+    lm: only the prompt with the continuation is kept; the span is what the continuation added.
+    """
+    tokens = tokenizer(prompts, prepend=tokenizer.get_bos_token_id())
+    if task_type == "multiple_choice":
+        start = common_prefix_length(tokens)
+        return tokens, [start] * len(tokens), [len(t) for t in tokens]
+    if task_type == "schema":
+        suffix = common_suffix_length(tokens)
+        return tokens, [len(t) - suffix for t in tokens], [len(t) for t in tokens]
+    if task_type == "language_modeling":
+        without, with_continuation = tokens
+        if not (len(without) < len(with_continuation) and with_continuation[: len(without)] == without):
+            raise ValueError(
+                "language_modeling prompt: the tokens of the prompt without the continuation are not a strict "
+                f"prefix of the prompt with it (prompt: {prompts[0][-80:]!r}); check the tokenizer and the data"
+            )
+        return [with_continuation], [len(without)], [len(with_continuation)]
+    raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+
+
+def crop_left(tokens, starts, ends, max_len):
+    """Keep the last max_len tokens of each too-long sequence, shifting its scored span to match."""
+    cropped = ([], [], [])
+    for seq, start, end in zip(tokens, starts, ends):
+        drop = max(0, len(seq) - max_len)
+        if start - drop < 1:
+            raise ValueError(
+                f"a continuation of {end - start} tokens does not fit after cropping the prompt to {max_len} tokens "
+                "(at least one context token must remain before it)"
+            )
+        cropped[0].append(seq[drop:])
+        cropped[1].append(start - drop)
+        cropped[2].append(end - drop)
+    return cropped
+
+
+def pad_right(tokens, pad_id):
+    """(B, T) long tensor of the sequences, padded on the right to the longest."""
+    batch = torch.full((len(tokens), max(len(t) for t in tokens)), pad_id, dtype=torch.long)
+    for row, seq in enumerate(tokens):
+        batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return batch
+
+
+@torch.no_grad()
+def losses_and_predictions(model, input_ids):
+    """
+    Per-position next-token loss and argmax prediction, both (B, T). Position t scores token t+1;
+    the last column has no target and its loss is nan.
+    """
+    B, T = input_ids.shape
+    logits = model(input_ids)  # (B, T, V)
+    targets = torch.roll(input_ids, shifts=-1, dims=1)  # the wrapped-around last column is masked below
+    losses = torch.nn.functional.cross_entropy(logits.view(B * T, -1), targets.view(B * T), reduction="none").view(B, T)
+    losses[:, -1] = float("nan")
+    return losses, logits.argmax(dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# One example, one task
+
+
+def sample_fewshot(data, idx, num_fewshot):
+    """num_fewshot other examples of the task, the same ones for example idx on every run and rank."""
+    if num_fewshot <= 0:
+        return []
+    num_others = len(data) - 1
+    if num_fewshot > num_others:
+        raise ValueError(f"task asks for {num_fewshot} few-shot examples but only {num_others} other examples exist")
+    # Sampling positions in the list of the other examples, without building that list: random.sample
+    # only looks at the length and indexes, so this picks the same examples as sampling the list would.
+    positions = random.Random(1234 + idx).sample(range(num_others), num_fewshot)
+    return [data[p if p < idx else p + 1] for p in positions]
+
+
+RENDERERS = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema, "language_modeling": render_prompts_lm}
+
+
+@torch.no_grad()
+def evaluate_example(idx, model, tokenizer, data, device, task_meta):
+    """True if the model gets data[idx] right."""
+    item, task_type = data[idx], task_meta["task_type"]
+    if task_type not in RENDERERS:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
+    prompts = RENDERERS[task_type](item, task_meta["continuation_delimiter"], fewshot)
+    tokens, starts, ends = tokenize_prompts(tokenizer, task_type, prompts)
+
+    # Models with a hard context limit expose max_seq_len. nanochat's GPT does not (as in the reference,
+    # it takes prompts longer than its training length); only a prompt beyond its rotary table, which
+    # it could not run at all, is cropped to fit.
+    max_len = getattr(model, "max_seq_len", None) or getattr(model, "rotary_seq_len", None)
+    if max_len is not None:
+        tokens, starts, ends = crop_left(tokens, starts, ends, max_len)
+
+    # All choices in one forward pass; BOS as padding is harmless as padded positions are never scored.
+    input_ids = pad_right(tokens, tokenizer.get_bos_token_id()).to(device)
+    losses, predictions = losses_and_predictions(model, input_ids)
+
+    if task_type == "language_modeling":
+        start, end = starts[0], ends[0]
+        return bool(torch.all(predictions[0, start - 1 : end - 1] == input_ids[0, start:end]).item())
+    # mc / schema: lowest mean loss over the scored span (first lowest on ties, Python's min)
+    mean_losses = [losses[row, start - 1 : end - 1].mean().item() for row, (start, end) in enumerate(zip(starts, ends))]
+    chosen = min(range(len(mean_losses)), key=lambda row: mean_losses[row])
+    return chosen == item["gold"]
+
+
+def evaluate_task(model, tokenizer, data, device, task_meta):
+    """
+    Accuracy over the examples of one task. task_meta: task_type, num_fewshot, continuation_delimiter.
+    Under torchrun, rank r takes examples r, r+world, ...; results are summed over ranks.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    for idx in range(rank, len(data), world_size):
+        correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
+    if world_size > 1:
+        dist.barrier()
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item()
+
+
+# -----------------------------------------------------------------------------
+# The whole bundle
+
+
+def centered_score(accuracy, baseline_percent):
+    """0 at the random-guess baseline, 1 at perfect accuracy."""
+    baseline = 0.01 * baseline_percent
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def load_bundle(bundle_dir):
+    """
+    (tasks, baselines) from an unpacked eval bundle. tasks: list of dicts with label, task_meta, path;
+    baselines: {label: random baseline in percent}.
+    """
+    import yaml  # only needed here
+
+    config_path = os.path.join(bundle_dir, "core.yaml")
+    meta_path = os.path.join(bundle_dir, "eval_meta_data.csv")
+    for path in (config_path, meta_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a complete eval bundle; delete it to re-download")
+    with open(config_path, "r", encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    tasks = []
+    for task in config["icl_tasks"]:
+        tasks.append({
+            "label": task["label"],
+            "path": os.path.join(bundle_dir, "eval_data", task["dataset_uri"]),
+            "task_meta": {
+                "task_type": task["icl_task_type"],
+                "dataset_uri": task["dataset_uri"],
+                "num_fewshot": task["num_fewshot"][0],
+                "continuation_delimiter": task.get("continuation_delimiter", " "),
+            },
+        })
+    with open(meta_path, "r", encoding="utf-8") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    return tasks, baselines
+
+
+def load_task_data(path, max_per_task=-1):
+    """Examples of one task in a fixed shuffled order (the files are often sorted), then cropped."""
+    with open(path, "r", encoding="utf-8") as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    random.Random(1337).shuffle(data)
+    return data[:max_per_task] if max_per_task > 0 else data
+
+
+def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1):
+    """
+    Every task of the bundle. Tasks whose data file or baseline is missing are reported and skipped.
+    Returns {"results": {label: acc}, "centered_results": {label: centered}, "core_metric": mean centered,
+    "times": {label: seconds}, "skipped": {label: reason}}.
+    """
+    tasks, baselines = load_bundle(bundle_dir)
+    skipped = {}
+    runnable = []
+    for task in tasks:
+        if not os.path.exists(task["path"]):
+            skipped[task["label"]] = f"data file {task['task_meta']['dataset_uri']} not in the bundle"
+        elif task["label"] not in baselines:
+            skipped[task["label"]] = "no random baseline in eval_meta_data.csv"
+        else:
+            runnable.append(task)
+    for label, reason in skipped.items():
+        print0(f"Skipping {label}: {reason}")
+
+    results, centered, times = {}, {}, {}
+    t_begin = time.time()
+    for i, task in enumerate(runnable):
+        label, meta = task["label"], task["task_meta"]
+        t0 = time.time()
+        data = load_task_data(task["path"], max_per_task)
+        accuracy = evaluate_task(model, tokenizer, data, device, meta)
+        times[label] = time.time() - t0
+        results[label] = accuracy
+        centered[label] = centered_score(accuracy, baselines[label])
+        elapsed = time.time() - t_begin
+        eta = elapsed / (i + 1) * (len(runnable) - i - 1)
+        print0(
+            f"[{i + 1:2d}/{len(runnable)}] {label:<34} {meta['num_fewshot']:2d}-shot {meta['task_type']:<17} "
+            f"n={len(data):<5d} accuracy {accuracy:.4f} | centered {centered[label]:+.4f} | "
+            f"{times[label]:6.1f}s | elapsed {format_seconds(elapsed)}, eta {format_seconds(eta)}"
+        )
+    core_metric = sum(centered.values()) / len(centered) if centered else float("nan")
+    return {"results": results, "centered_results": centered, "core_metric": core_metric, "times": times, "skipped": skipped}

@@ -1,0 +1,378 @@
+"""
+The pretraining corpus: parquet shards of raw text, one `text` column, one document per row.
+
+    python -m nanochat.dataset -n 8        # training shards 0..7 plus the validation shard
+
+Shards live in <base>/base_data/shard_{i:05d}.parquet. The source holds shards 0..MAX_SHARD;
+the validation split is always shard MAX_SHARD and the training split is every shard with a
+smaller index that is on disk (so downloading more shards later never moves the val split).
+
+Environment overrides:
+    NANOCHAT_DATA_URL        http(s):// or file:// folder holding the shards (file names are appended)
+    NANOCHAT_DATA_MAX_SHARD  index of the last shard of that source (= the validation shard)
+"""
+
+import os
+import re
+import sys
+import time
+import random
+import argparse
+import threading
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
+
+import pyarrow.parquet as pq
+
+from nanochat.common import get_base_dir, fetch_url_to_file, format_seconds
+
+# FineWeb-Edu-100B, shuffled and re-sharded for nanochat: shards 0..1822, about 100 MB each.
+DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+DEFAULT_MAX_SHARD = 1822
+
+SHARD_NAME = re.compile(r"^shard_(\d{5,})\.parquet$")
+
+
+def shard_filename(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def get_data_url():
+    return (os.environ.get("NANOCHAT_DATA_URL") or DEFAULT_DATA_URL).rstrip("/")
+
+
+def get_max_shard():
+    value = os.environ.get("NANOCHAT_DATA_MAX_SHARD")
+    if not value:
+        return DEFAULT_MAX_SHARD
+    try:
+        max_shard = int(value)
+    except ValueError:
+        max_shard = -1
+    if max_shard < 0:
+        raise ValueError(f"NANOCHAT_DATA_MAX_SHARD must be a non-negative integer (the index of the validation shard), got {value!r}")
+    return max_shard
+
+
+def get_data_dir():
+    data_dir = os.path.join(get_base_dir(), "base_data")
+    os.makedirs(data_dir, exist_ok=True)
+    return data_dir
+
+
+def __getattr__(name):
+    # DATA_DIR / MAX_SHARD / BASE_URL as module attributes, read from the environment when asked for
+    # (not frozen at import time, so NANOCHAT_BASE_DIR set later, e.g. in tests, is honoured).
+    if name == "DATA_DIR":
+        return get_data_dir()
+    if name == "MAX_SHARD":
+        return get_max_shard()
+    if name == "BASE_URL":
+        return get_data_url()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def list_parquet_files(data_dir=None):
+    """Full paths of all complete shards on disk, sorted by index (temporary files are ignored)."""
+    data_dir = get_data_dir() if data_dir is None else data_dir
+    names = sorted(f for f in os.listdir(data_dir) if SHARD_NAME.match(f))
+    return [os.path.join(data_dir, f) for f in names]
+
+
+def shard_index(path):
+    return int(SHARD_NAME.match(os.path.basename(path)).group(1))
+
+
+def download_command(num_train=8):
+    return f"python -m nanochat.dataset -n {num_train}"
+
+
+def list_split_files(split):
+    """[(shard index, path)] of one split: 'train' = shards below MAX_SHARD on disk, 'val' = shard MAX_SHARD."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_dir = get_data_dir()
+    max_shard = get_max_shard()
+    shards = [(shard_index(p), p) for p in list_parquet_files(data_dir)]
+    if split == "train":
+        files = [(i, p) for i, p in shards if i < max_shard]
+        if not files:
+            raise FileNotFoundError(
+                f"No training shards in {data_dir}. Download some with: {download_command()} "
+                f"(training shards 0..7 plus the validation shard {shard_filename(max_shard)})")
+    else:
+        files = [(i, p) for i, p in shards if i == max_shard]
+        if not files:
+            raise FileNotFoundError(
+                f"The validation shard {shard_filename(max_shard)} is not in {data_dir}. "
+                f"Download it with: {download_command()} (it always comes with the training shards)")
+    return files
+
+
+def parquets_iter_batched(split, start=0, step=1):
+    """
+    Yield the texts (list of str) of one parquet row group at a time, over all files of the split.
+    start/step pick every step-th row group of each file, e.g. start=rank, step=world_size.
+    """
+    for _, path in list_split_files(split):
+        pf = pq.ParquetFile(path)
+        for rg_idx in range(start, pf.num_row_groups, step):
+            yield pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+
+
+def check_shard(path, full=True):
+    """
+    Raise ValueError saying what is wrong unless path is a readable shard with a string `text` column.
+    full=False only reads the footer: enough for files we renamed into place after a full check.
+    """
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
+        raise ValueError(f"not a readable parquet file: {e}") from e
+    if "text" not in schema.names:
+        raise ValueError(f"no 'text' column (columns: {schema.names})")
+    if str(schema.field("text").type) not in ("string", "large_string"):
+        raise ValueError(f"column 'text' has type {schema.field('text').type}, expected string")
+    if full:
+        try:
+            for rg_idx in range(pf.num_row_groups):
+                pf.read_row_group(rg_idx, columns=["text"])
+        except Exception as e:
+            raise ValueError(f"row group {rg_idx} is unreadable: {e}") from e
+
+
+# -----------------------------------------------------------------------------
+# Downloading
+
+class DownloadCancelled(Exception):
+    pass
+
+
+class PermanentError(Exception):
+    """The source says the shard is not there; asking again will not help."""
+
+
+def is_permanent(error):
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in (401, 403, 404, 410)
+    if isinstance(error, urllib.error.URLError):  # file:// source with no such file
+        return isinstance(error.reason, (FileNotFoundError, NotADirectoryError))
+    return isinstance(error, (FileNotFoundError, NotADirectoryError))
+
+
+def describe_error(error):
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return f"{type(error.reason).__name__}: {error.reason}"
+    return f"{type(error).__name__}: {error}"
+
+
+class Progress:
+    """Byte counters shared by the download threads; estimates speed and time left."""
+
+    def __init__(self, num_shards):
+        self.lock = threading.Lock()
+        self.start = time.time()
+        self.num_shards = num_shards
+        self.received = {}  # shard index -> bytes received in its current attempt
+        self.sizes = {}  # shard index -> size reported by the source
+        self.finished_bytes = 0  # bytes of shards that are done (kept or given up)
+        self.finished = set()
+
+    def update(self, index, received, total):
+        with self.lock:
+            self.received[index] = received
+            if total is not None:
+                self.sizes[index] = total
+
+    def finish(self, index, nbytes):
+        with self.lock:
+            self.received.pop(index, None)
+            self.finished.add(index)
+            self.finished_bytes += nbytes
+            if nbytes:
+                self.sizes[index] = nbytes
+
+    def summary(self):
+        """(bytes so far, bytes/s, eta seconds or None)."""
+        with self.lock:
+            done = self.finished_bytes + sum(self.received.values())
+            elapsed = max(time.time() - self.start, 1e-6)
+            rate = done / elapsed
+            known = list(self.sizes.values())
+            if not known or rate <= 0:
+                return done, rate, None
+            average = sum(known) / len(known)
+            in_flight_left = sum(max(self.sizes.get(i, average) - r, 0) for i, r in self.received.items())
+            not_started = self.num_shards - len(self.finished) - len(self.received)
+            return done, rate, (in_flight_left + not_started * average) / rate
+
+
+def download_shard(index, data_dir, base_url, retries, backoff, timeout, progress, cancel):
+    """
+    Fetch one shard into data_dir, check it is readable parquet, then rename it into place.
+    Returns the number of bytes kept; raises PermanentError or the last error once out of attempts.
+    Nothing is left behind on failure: fetch_url_to_file cleans its own temporary file, we clean ours.
+    """
+    filename = shard_filename(index)
+    path = os.path.join(data_dir, filename)
+    url = f"{base_url}/{filename}"
+    # a name that list_parquet_files ignores, unique per thread, until the content is checked
+    unchecked = os.path.join(data_dir, f"{filename}.{os.getpid()}-{threading.get_native_id()}.unchecked")
+
+    def on_bytes(received, total):
+        if cancel.is_set():
+            raise DownloadCancelled()
+        progress.update(index, received, total)
+
+    for attempt in range(1, retries + 1):
+        try:
+            nbytes = fetch_url_to_file(url, unchecked, retries=1, timeout=timeout, progress=on_bytes)
+            check_shard(unchecked, full=True)
+            os.replace(unchecked, path)
+            return nbytes
+        except DownloadCancelled:
+            raise
+        except Exception as e:
+            if is_permanent(e):
+                raise PermanentError(describe_error(e)) from e
+            if attempt == retries:
+                raise
+            delay = backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)  # jitter: workers do not retry in lockstep
+            print(f"  {filename}: attempt {attempt}/{retries} failed ({describe_error(e)}); retrying in {delay:.1f}s", flush=True)
+            if cancel.wait(delay):
+                raise DownloadCancelled()
+        finally:
+            if os.path.exists(unchecked):
+                os.remove(unchecked)
+
+
+def download_shards(indices, num_workers=4, retries=5, backoff=2.0, timeout=60, report_every=10.0):
+    """
+    Make sure the given shards are on disk and readable, downloading the missing ones in parallel.
+    Returns {shard index: reason} for the shards that could not be fetched (empty dict on success).
+    """
+    data_dir = get_data_dir()
+    base_url = get_data_url()
+    t0 = time.time()
+
+    # Temporary files of a run that was killed outright (kill -9, power loss). A live download writes
+    # its file at least every `timeout` seconds, so anything untouched for 10 minutes is an orphan.
+    for name in os.listdir(data_dir):
+        path = os.path.join(data_dir, name)
+        try:
+            if name.startswith("shard_") and not SHARD_NAME.match(name) and time.time() - os.path.getmtime(path) > 600:
+                os.remove(path)
+                print(f"Removed a leftover temporary file: {name}")
+        except FileNotFoundError:
+            pass  # renamed or removed by its owner meanwhile
+
+    # Valid shards already on disk are kept (a footer check is enough: we only ever rename checked files
+    # into place). A damaged file under a shard's name is downloaded again and replaced.
+    todo = []
+    for index in indices:
+        path = os.path.join(data_dir, shard_filename(index))
+        if os.path.exists(path):
+            try:
+                check_shard(path, full=False)
+                continue
+            except ValueError as e:
+                print(f"{shard_filename(index)} is on disk but unusable ({e}); downloading it again")
+        todo.append(index)
+    present = len(indices) - len(todo)
+    print(f"Shards wanted: {len(indices)} | already present: {present} | to download: {len(todo)} "
+          f"(with {num_workers} workers)")
+    print(f"Source: {base_url}")
+    print(f"Target: {data_dir}")
+    if not todo:
+        return {}
+
+    progress = Progress(len(todo))
+    cancel = threading.Event()
+    failures = {}
+    downloaded_bytes = 0
+    executor = ThreadPoolExecutor(max_workers=max(1, num_workers))
+    try:
+        futures = {executor.submit(download_shard, i, data_dir, base_url, retries, backoff, timeout, progress, cancel): i
+                   for i in todo}
+        pending = set(futures)
+        completed = 0
+        last_line = time.time()
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = futures[future]
+                completed += 1
+                try:
+                    nbytes = future.result()
+                    downloaded_bytes += nbytes
+                    status = f"{shard_filename(index)} {nbytes / 1e6:.1f} MB"
+                except PermanentError as e:
+                    nbytes, failures[index] = 0, str(e)
+                    status = f"{shard_filename(index)} FAILED: {e} (not retried: the source does not have it)"
+                except Exception as e:
+                    nbytes, failures[index] = 0, f"{describe_error(e)} (after {retries} attempts)"
+                    status = f"{shard_filename(index)} FAILED: {failures[index]}"
+                progress.finish(index, nbytes)
+                total, rate, eta = progress.summary()
+                eta_text = format_seconds(eta) if eta is not None else "?"
+                print(f"[{completed:{len(str(len(todo)))}d}/{len(todo)}] {status} | total {total / 1e6:.1f} MB at "
+                      f"{rate / 1e6:.1f} MB/s | ETA {eta_text}", flush=True)
+                last_line = time.time()
+            if pending and time.time() - last_line >= report_every:
+                total, rate, eta = progress.summary()
+                eta_text = format_seconds(eta) if eta is not None else "?"
+                print(f"  ... {total / 1e6:.1f} MB so far at {rate / 1e6:.1f} MB/s, "
+                      f"{len(pending)} shards left | ETA {eta_text}", flush=True)
+                last_line = time.time()
+    except KeyboardInterrupt:
+        cancel.set()  # workers stop at their next chunk and delete their temporary files
+        executor.shutdown(wait=True, cancel_futures=True)
+        print("Interrupted: no partial files were left behind; run the same command again to continue.")
+        raise
+    executor.shutdown(wait=True)
+
+    elapsed = time.time() - t0
+    ok = len(todo) - len(failures)
+    elapsed_text = f"{elapsed:.1f}s" if elapsed < 60 else format_seconds(elapsed)
+    print(f"Done in {elapsed_text}: downloaded {ok}/{len(todo)} shards, {downloaded_bytes / 1e6:.1f} MB "
+          f"at {downloaded_bytes / 1e6 / max(elapsed, 1e-6):.1f} MB/s; {present} were already present.")
+    for index in sorted(failures):
+        print(f"  shard {index} ({shard_filename(index)}) is unavailable: {failures[index]}")
+    return failures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Download pretraining shards: training shards 0..N-1 and the validation shard.")
+    parser.add_argument("-n", "--num-files", type=int, default=-1,
+                        help="number of training shards (0..N-1) to download; -1 = all of them (default: -1)")
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads (default: 4)")
+    parser.add_argument("--retries", type=int, default=5, help="attempts per shard (default: 5)")
+    parser.add_argument("--backoff", type=float, default=2.0,
+                        help="seconds before the first retry, doubled after each failure (default: 2)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default: 60)")
+    args = parser.parse_args(argv)
+    if args.num_workers < 1 or args.retries < 1:
+        parser.error("--num-workers and --retries must be at least 1")
+
+    max_shard = get_max_shard()
+    num_train = max_shard if args.num_files < 0 else min(args.num_files, max_shard)
+    indices = list(range(num_train)) + [max_shard]  # the validation shard always comes along
+    train_text = f"training shards 0..{num_train - 1}" if num_train > 0 else "no training shards"
+    print(f"Wanted: {train_text} and validation shard {max_shard}")
+    try:
+        failures = download_shards(indices, args.num_workers, args.retries, args.backoff, args.timeout)
+    except KeyboardInterrupt:
+        return 130
+    if failures:
+        print(f"ERROR: {len(failures)} shard(s) could not be downloaded: {sorted(failures)}. "
+              f"Check NANOCHAT_DATA_URL={get_data_url()} and NANOCHAT_DATA_MAX_SHARD={max_shard}, then rerun.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""
+The GPT model: a decoder-only Transformer in the modern small-model style.
+
+- rotary position embeddings (no learned positions), QK RMSNorm, grouped-query attention
+- RMSNorm without learnable parameters: after the embedding, before each sub-block, before lm_head
+- MLP with ReLU^2, no biases anywhere, untied embedding / lm_head, logit soft-capping
+
+Parameter names (state_dict keys) and numerics follow nanochat at commit f37d45c, so a checkpoint
+trained here loads into that code and gives the same logits.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+from nanochat.common import print0
+from nanochat.muon import Muon, DistMuon
+from nanochat.adamw import DistAdamW
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads; fewer than n_head means grouped-query attention
+    n_embd: int = 768
+
+
+def norm(x):
+    # RMSNorm with no weight; eps defaults to the dtype's machine epsilon
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate the two halves of the last dim of x (B, T, H, D) by the angles in cos/sin (1, T, 1, D/2)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        if config.n_kv_head > config.n_head or config.n_head % config.n_kv_head != 0:
+            raise ValueError(f"n_head ({config.n_head}) must be a multiple of n_kv_head ({config.n_kv_head})")
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK norm, after rotary (as in the reference)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T0 + T, D): cached prefix + this chunk
+        Tq, Tk = q.size(2), k.size(2)
+        gqa = self.n_head != self.n_kv_head
+        if Tq == Tk:
+            # training, or a prefill from an empty cache: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif Tq == 1:
+            # one new token attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        else:
+            # a chunk of queries: all of the cached prefix, then causal within the chunk
+            prefix = Tk - Tq
+            keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2 (Primer, arXiv:2109.08668)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables for 10x the training length, so generation can run past it. They are
+        # derived from the config, so they stay out of the checkpoint (persistent=False).
+        self.rotary_seq_len = 10 * config.sequence_len
+        cos, sin = self._rotary_tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, base=10000):
+        device = self.transformer.wte.weight.device
+        head_dim = self.config.n_embd // self.config.n_head
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        angles = torch.outer(torch.arange(self.rotary_seq_len, dtype=torch.float32, device=device), inv_freq)
+        # Round through bf16 as the reference does (it keeps the tables in bf16), but store fp32 so the
+        # fp32 path does no mixed-dtype arithmetic; the values, and hence the logits, are identical.
+        cos, sin = angles.cos().bfloat16().float(), angles.sin().bfloat16().float()
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, head_dim/2)
+
+    @torch.no_grad()
+    def init_weights(self):
+        # Draw in module order (embedding, then each block's linears, then lm_head) so that a given seed
+        # gives the same weights as the reference. Linear std 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))
+        # follows arXiv:2310.17813; output projections start at zero so each block starts as identity.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.cos, self.sin = self._rotary_tables()  # buffers were empty after to_empty()
+        # On CUDA the embedding is kept in bf16 (training runs under bf16 autocast there), as the reference does
+        if self.get_device().type == "cuda":
+            self.transformer.wte.to(dtype=torch.bfloat16)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def estimate_flops(self):
+        """FLOPs per token for forward+backward: 6 per non-embedding weight plus attention (PaLM, arXiv:2204.02311)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        n_embedding = self.transformer.wte.weight.numel()
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        return 6 * (n_params - n_embedding) + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+        """[AdamW for wte and lm_head, Muon for every matrix in the blocks]; Dist* versions under DDP."""
+        matrix_params = list(self.transformer.h.parameters())
+        embedding_params = list(self.transformer.wte.parameters())
+        lm_head_params = list(self.lm_head.parameters())
+        if len(matrix_params) + len(embedding_params) + len(lm_head_params) != len(list(self.parameters())):
+            raise RuntimeError("setup_optimizers: a parameter is in none of the groups; assign it an optimizer")
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # The AdamW LRs were tuned at width 768; scale them as 1/sqrt(width)
+        lr_scale = (self.config.n_embd / 768) ** -0.5
+        print0(f"Scaling the AdamW LRs by (n_embd/768)^-0.5 = {lr_scale:.6f}")
+        adam_groups = [
+            dict(params=lm_head_params, lr=unembedding_lr * lr_scale),
+            dict(params=embedding_params, lr=embedding_lr * lr_scale),
+        ]
+        adam_kwargs = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        if distributed:
+            adamw = DistAdamW(adam_groups, **adam_kwargs)
+        else:
+            # fused kernels exist for CUDA and CPU; other devices (e.g. older MPS builds) use the default
+            fused = self.get_device().type in ("cuda", "cpu")
+            adamw = torch.optim.AdamW(adam_groups, fused=fused, **adam_kwargs)
+        muon = (DistMuon if distributed else Muon)(matrix_params, lr=matrix_lr, momentum=0.95)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]  # LR schedules multiply this
+        return optimizers
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.size()
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()  # rotary positions continue after the cache
+        if T0 + T > self.cos.size(1):
+            raise ValueError(f"positions up to {T0 + T} exceed the rotary table ({self.cos.size(1)} = 10 x sequence_len); "
+                             "use a larger sequence_len in GPTConfig")
+        if idx.device != self.cos.device:
+            raise ValueError(f"idx is on {idx.device} but the model is on {self.cos.device}; move one of them")
+        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+
+        x = norm(self.transformer.wte(idx))  # (B, T, n_embd)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        x = norm(x)
+
+        softcap = 15.0  # logits = 15 tanh(logits / 15) keeps them in (-15, 15)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = softcap * torch.tanh(logits / softcap)
+        logits = logits.float()  # the loss and sampling want fp32 even under bf16 autocast
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive sampler for a single sequence (no KV cache): re-runs the whole prefix for each token, yields ints."""
+        if not isinstance(tokens, list):
+            raise TypeError(f"generate expects a list of token ids, got {type(tokens).__name__}")
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]  # (1, vocab_size)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits[logits < kth] = -float("inf")
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat((ids, next_id), dim=1)
+            yield next_id.item()

@@ -1,0 +1,139 @@
+"""
+What the hardware is good at, decided by looking and by measuring rather than by habit.
+
+- cpu_flags() / cpu_has_native_bf16(): does the CPU have bf16 dot-product or matrix units
+  (x86 avx512_bf16 / amx_bf16, Arm bf16)? Without them PyTorch emulates bf16 matmuls, which was
+  measured 14x slower than fp32 for a 1024x256 Newton-Schulz step.
+- bf16_matmul_speedup(device): measured once per process and device (~0.1 s).
+- newton_schulz_dtype(device), choose_autocast_dtype(device): the precision choices built on that.
+- peak_flops(device): the denominator of MFU; a table of datasheet numbers for known GPUs, a short
+  measured matmul peak otherwise (CPU, unknown accelerators).
+"""
+
+import functools
+import time
+
+import torch
+
+# Dense bf16 tensor-core peaks from NVIDIA datasheets (no 2:4 sparsity), matched as substrings of
+# torch.cuda.get_device_name(); first match wins, so the more specific names come first.
+GPU_BF16_PEAK_FLOPS = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+# Below this measured matmul speedup bf16 is not worth it: autocast adds casts and elementwise work.
+MIN_BF16_SPEEDUP = 1.2
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags():
+    """The CPU feature flags from /proc/cpuinfo (x86 'flags' or Arm 'Features'); empty where unavailable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16():
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _device_key(device):
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_matmul_flops(device, dtype, size=512, batch=4, seconds=0.05):
+    """Achieved FLOP/s of a batched (size x size) @ (size x size) matmul, best of repeated timings."""
+    device = _device_key(device)
+    a = torch.randn(batch, size, size, device=device).to(dtype)
+    b = torch.randn(batch, size, size, device=device).to(dtype)
+    torch.bmm(a, b)  # warm-up: kernel selection, page faults
+    _sync(device)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    reps = 0
+    while reps < 3 or (time.perf_counter() < deadline and reps < 100):
+        t0 = time.perf_counter()
+        torch.bmm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return 2 * batch * size ** 3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_matmul_speedup(device):
+    if device.type == "cuda":
+        return float("inf") if torch.cuda.is_bf16_supported() else 0.0  # tensor cores; no need to measure
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return 0.0  # emulated bf16: known to be much slower, skip the measurement
+    try:
+        fp32 = measure_matmul_flops(device, torch.float32)
+        bf16 = measure_matmul_flops(device, torch.bfloat16)
+    except (RuntimeError, TypeError):  # e.g. a backend without bf16 matmul
+        return 0.0
+    return bf16 / fp32
+
+
+def bf16_matmul_speedup(device):
+    """bf16 / fp32 matmul throughput on this device (inf on CUDA with bf16, 0 where bf16 is not native)."""
+    return _bf16_matmul_speedup(_device_key(device))
+
+
+def newton_schulz_dtype(device):
+    """Muon's orthogonalisation runs in bf16 (as the reference always does) only where bf16 matmuls are faster."""
+    return torch.bfloat16 if bf16_matmul_speedup(device) > 1.0 else torch.float32
+
+
+def choose_autocast_dtype(device):
+    """torch.bfloat16 if forward/backward should run under bf16 autocast on this device, else None (plain fp32)."""
+    device = _device_key(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if bf16_matmul_speedup(device) >= MIN_BF16_SPEEDUP else None
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_flops(device, dtype):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_BF16_PEAK_FLOPS:
+            if key in name:
+                return flops if dtype == torch.bfloat16 else flops / 2  # tf32 is half of bf16 on these parts
+    # CPU, MPS or an unknown GPU: measure a larger matmul a bit longer
+    size = 2048 if device.type == "cuda" else 1024
+    return measure_matmul_flops(device, dtype, size=size, batch=2, seconds=0.2)
+
+
+def peak_flops(device, dtype=torch.bfloat16):
+    """Peak matmul FLOP/s for MFU: datasheet for known GPUs, else measured (cached per process)."""
+    return _peak_flops(_device_key(device), dtype)

@@ -1,0 +1,184 @@
+"""
+GPT-4 style byte-level BPE tokenizer: merges are learned with rustbpe, text is encoded with tiktoken.
+
+On disk a tokenizer is a folder holding
+  tokenizer.pkl    a pickled tiktoken.Encoding (the same file the reference nanochat writes and reads)
+  token_bytes.pt   int32 tensor (vocab_size,): how many UTF-8 bytes each token id stands for, 0 for
+                   special tokens; used to turn a loss into bits per byte, independent of vocab size.
+"""
+
+import os
+import pickle
+
+import rustbpe
+import tiktoken
+
+from nanochat.common import get_base_dir, atomic_write
+
+# Appended after the merges, in this order, so <|bos|> gets id vocab_size - 9.
+SPECIAL_TOKENS = [
+    "<|bos|>",              # starts every document; also the document delimiter in pretraining
+    "<|user_start|>",       # the rest only appear in rendered chat conversations
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",     # assistant calls the python tool
+    "<|python_end|>",
+    "<|output_start|>",     # tool output handed back to the assistant
+    "<|output_end|>",
+]
+
+# GPT-4's (cl100k) split pattern, except digits group in runs of at most 2 (\p{N}{1,2} instead of
+# \p{N}{1,3}) so a small vocabulary spends fewer tokens on numbers. Must match the reference exactly.
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+# Name stored inside the pickled Encoding; the reference uses the same one, so the files match byte for byte.
+ENCODING_NAME = "rustbpe"
+
+TOKENIZER_FILE = "tokenizer.pkl"
+TOKEN_BYTES_FILE = "token_bytes.pt"
+
+
+class RustBPETokenizer:
+    """A tiktoken.Encoding plus the nanochat conveniences (special tokens, prepend/append, save/load)."""
+
+    def __init__(self, enc, bos_token="<|bos|>"):
+        self.enc = enc
+        self.special_ids = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
+        self.bos_token_id = self.encode_special(bos_token)
+
+    # ---- construction ----
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size):
+        """Learn vocab_size - len(SPECIAL_TOKENS) byte-level merges from an iterator of strings."""
+        num_ranks = vocab_size - len(SPECIAL_TOKENS)
+        if num_ranks < 256:
+            raise ValueError(f"vocab_size={vocab_size} leaves {num_ranks} ids for bytes+merges after the "
+                             f"{len(SPECIAL_TOKENS)} special tokens; it must be at least {256 + len(SPECIAL_TOKENS)}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(text_iterator, num_ranks, pattern=SPLIT_PATTERN)
+        # rustbpe returns (token bytes, rank) pairs: 256 single bytes, then one per merge in merge order
+        mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        if len(mergeable_ranks) != num_ranks:
+            # rustbpe stops early once no adjacent pair is left to merge: the text is too small
+            raise ValueError(f"training text only supported {len(mergeable_ranks) - 256} merges but "
+                             f"vocab_size={vocab_size} needs {num_ranks - 256}: train on more text or lower vocab_size")
+        if sorted(mergeable_ranks.values()) != list(range(num_ranks)):
+            # two merges spelling the same bytes would make ids collide in tiktoken; fail loudly instead
+            raise RuntimeError("rustbpe produced two merges with identical bytes; the encoding would be inconsistent")
+        special_tokens = {name: num_ranks + i for i, name in enumerate(SPECIAL_TOKENS)}
+        enc = tiktoken.Encoding(
+            name=ENCODING_NAME,
+            pat_str=trainer.get_pattern(),
+            mergeable_ranks=mergeable_ranks,  # token bytes -> rank (= token id); lower rank merges first
+            special_tokens=special_tokens,
+        )
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
+        with open(path, "rb") as f:
+            enc = pickle.load(f)
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_pretrained(cls, tiktoken_name):
+        """An OpenAI encoding such as "gpt2" or "cl100k_base" (downloaded by tiktoken, needs network once)."""
+        enc = tiktoken.get_encoding(tiktoken_name)
+        # OpenAI's document delimiter is called <|endoftext|>; it plays the role of our <|bos|>
+        return cls(enc, "<|endoftext|>")
+
+    # ---- vocabulary ----
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_special_tokens(self):
+        """Special token names, in id order."""
+        return sorted(self.special_ids, key=self.special_ids.get)
+
+    def id_to_token(self, token_id):
+        return self.enc.decode([token_id])
+
+    def encode_special(self, name):
+        if name not in self.special_ids:
+            raise KeyError(f"{name!r} is not a special token of this tokenizer; known: {self.get_special_tokens()}")
+        return self.special_ids[name]
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def token_byte_lengths(self):
+        """List with the UTF-8 byte count of every id; 0 for special tokens and unused ids."""
+        special = set(self.special_ids.values())
+        lengths = []
+        for token_id in range(self.get_vocab_size()):
+            if token_id in special:
+                lengths.append(0)
+                continue
+            try:
+                lengths.append(len(self.enc.decode_single_token_bytes(token_id)))
+            except KeyError:  # a gap in the id space (cl100k_base has some below its last special token)
+                lengths.append(0)
+        return lengths
+
+    # ---- encoding ----
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """
+        str -> list[int]; list[str] -> list[list[int]] (encoded in parallel by tiktoken).
+        Special-token text inside `text` is encoded as ordinary text, never as a special id.
+        prepend/append: a special token name or an id, added to every sequence.
+        """
+        prefix = [] if prepend is None else [self._as_id(prepend)]
+        suffix = [] if append is None else [self._as_id(append)]
+        if isinstance(text, str):
+            return prefix + self.enc.encode_ordinary(text) + suffix
+        if isinstance(text, (list, tuple)):
+            rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+            if prefix or suffix:
+                rows = [prefix + row + suffix for row in rows]
+            return rows
+        raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
+
+    __call__ = encode
+
+    def _as_id(self, token):
+        return self.encode_special(token) if isinstance(token, str) else int(token)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    # ---- saving ----
+
+    def save(self, tokenizer_dir):
+        """Write tokenizer.pkl and token_bytes.pt into tokenizer_dir, each atomically."""
+        import torch
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        pkl_path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
+        atomic_write(pkl_path, lambda f: pickle.dump(self.enc, f))
+        token_bytes = torch.tensor(self.token_byte_lengths(), dtype=torch.int32)
+        atomic_write(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
+        return pkl_path
+
+
+def get_tokenizer_dir():
+    return os.path.join(get_base_dir(), "tokenizer")
+
+
+def get_tokenizer():
+    return RustBPETokenizer.from_directory(get_tokenizer_dir())
+
+
+def get_token_bytes(device="cpu"):
+    """int32 tensor (vocab_size,) of bytes per token id, 0 for special tokens."""
+    import torch
+    path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no token byte counts at {path}: train a tokenizer with `python -m scripts.tok_train`")
+    with open(path, "rb") as f:
+        return torch.load(f, map_location=device)

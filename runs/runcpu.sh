@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The whole pipeline on a laptop CPU, about 15 minutes on 2 cores:
+# data -> tokenizer -> pretraining a tiny model -> val bpb and samples -> CORE -> report.md.
+# The model is far too small to be good; the point is to see every stage run and read its report.
+#
+#   bash runs/runcpu.sh
+#   NANOCHAT_DATA_URL=file://$PWD/../shared/data/corpus NANOCHAT_DATA_MAX_SHARD=10 \
+#   NANOCHAT_EVAL_BUNDLE_URL=file://$PWD/../shared/data/eval_bundle.zip bash runs/runcpu.sh
+#
+# Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); report.md is also copied into the
+# directory you run this from. Re-running skips the stages whose outputs exist: delete the base dir
+# (or the stage's output) to redo them.
+set -Eeuo pipefail  # -E: the ERR trap below also fires inside functions
+CALLER_DIR="$PWD"
+source "$(dirname "$0")/setup_env.sh"  # creates .venv on first use, then activates it
+cd "$REPO_ROOT"
+
+# Sizes. Each can be overridden from the environment (the tests run this at toy size that way).
+# FineWeb-Edu shards hold ~250M characters each, so 4 are plenty; a small custom corpus
+# (NANOCHAT_DATA_MAX_SHARD set, e.g. ../shared/data/corpus) is taken whole, up to 10 training shards.
+DEFAULT_SHARDS=4
+if [ -n "${NANOCHAT_DATA_MAX_SHARD:-}" ]; then DEFAULT_SHARDS=10; fi
+SHARDS=${NANOCHAT_RUNCPU_SHARDS:-$DEFAULT_SHARDS}
+TOK_MAX_CHARS=${NANOCHAT_RUNCPU_TOK_MAX_CHARS:-30000000}   # tokenizer training text
+VOCAB_SIZE=${NANOCHAT_RUNCPU_VOCAB_SIZE:-8192}
+DEPTH=${NANOCHAT_RUNCPU_DEPTH:-4}                           # 4 layers, width 256
+SEQ_LEN=${NANOCHAT_RUNCPU_SEQ_LEN:-512}
+DEVICE_BATCH=${NANOCHAT_RUNCPU_DEVICE_BATCH:-8}             # sequences per forward pass
+TOTAL_BATCH=${NANOCHAT_RUNCPU_TOTAL_BATCH:-4096}            # tokens per optimizer step
+STEPS=${NANOCHAT_RUNCPU_STEPS:-400}
+EVAL_EVERY=${NANOCHAT_RUNCPU_EVAL_EVERY:-100}               # val bpb during training
+EVAL_TOKENS=${NANOCHAT_RUNCPU_EVAL_TOKENS:-65536}
+CORE_MAX_PER_TASK=${NANOCHAT_RUNCPU_CORE_MAX_PER_TASK:-50}  # examples per CORE task
+MODEL_TAG="d${DEPTH}"
+
+STAGE="setup"
+trap 'echo "runcpu.sh: stage \"$STAGE\" failed (see the messages above). Fix it and re-run: finished stages are skipped." >&2' ERR
+BASE_DIR=$(python -c "from nanochat.common import get_base_dir; print(get_base_dir())")
+echo "runcpu.sh: outputs in $BASE_DIR"
+
+# stage NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, so a re-run resumes where it stopped.
+stage() {
+    STAGE=$1; local output=$2; shift 2
+    if [ -e "$output" ]; then
+        echo "[skip] $STAGE: ${output#"$BASE_DIR"/} exists"
+    else
+        echo "[run] $STAGE"
+        "$@"
+    fi
+}
+
+# A new run starts a new report; a re-run after a failure continues the old one.
+stage "report reset" "$BASE_DIR/report/header.md" python -m nanochat.report reset
+STAGE="data"
+python -m nanochat.dataset -n "$SHARDS"  # skips the shards already there
+stage "tokenizer" "$BASE_DIR/tokenizer/token_bytes.pt" \
+    python -m scripts.tok_train --max_chars="$TOK_MAX_CHARS" --vocab_size="$VOCAB_SIZE"
+stage "tokenizer evaluation" "$BASE_DIR/report/tokenizer-evaluation.md" python -m scripts.tok_eval
+
+# The last step of $MODEL_TAG with a complete checkpoint, or -1 when there is none.
+last_checkpoint_step() {
+    python -c "import sys; from nanochat.checkpoint_manager import list_steps; steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" \
+        "$BASE_DIR/base_checkpoints/$MODEL_TAG"
+}
+
+# Pretraining. No CORE or samples during training: the stages below do both once, at the end.
+# A run stopped early (Ctrl-C saves a checkpoint) resumes exactly where it stopped.
+STAGE="base model training"
+LAST_STEP=$(last_checkpoint_step)
+if [ "$LAST_STEP" -ge "$STEPS" ]; then
+    echo "[skip] $STAGE: base_checkpoints/$MODEL_TAG has step $LAST_STEP"
+else
+    RESUME=""
+    if [ "$LAST_STEP" -ge 0 ]; then RESUME="--resume_from_step=$LAST_STEP"; fi
+    echo "[run] $STAGE ${RESUME:+(resuming from step $LAST_STEP)}"
+    python -m scripts.base_train \
+        --depth="$DEPTH" --max_seq_len="$SEQ_LEN" \
+        --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH" \
+        --num_iterations="$STEPS" \
+        --eval_every="$EVAL_EVERY" --eval_tokens="$EVAL_TOKENS" \
+        --core_metric_every=-1 --sample_every=-1 --save_every=-1 \
+        --model_tag="$MODEL_TAG" $RESUME
+fi
+stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" \
+    python -m scripts.base_loss --model_tag="$MODEL_TAG" \
+        --device_batch_size="$DEVICE_BATCH" --split_tokens="$EVAL_TOKENS"
+stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$(printf %06d "$STEPS").csv" \
+    python -m scripts.base_eval --model_tag="$MODEL_TAG" --max_per_task="$CORE_MAX_PER_TASK"
+
+# The report card: <base>/report.md, copied (with its plots) into the directory this was run from.
+STAGE="report"
+(cd "$CALLER_DIR" && python -m nanochat.report generate)
+echo "runcpu.sh: done. Report: $CALLER_DIR/report.md"

@@ -1,0 +1,493 @@
+"""
+Pretrain a base model from scratch. One flat script, read top to bottom:
+settings, compute, tokenizer, model, horizon, optimizers, data, schedules, then the loop.
+
+    python -m scripts.base_train --depth=4 --device_type=cpu      # a small model on a CPU
+    torchrun --nproc_per_node=8 -m scripts.base_train --depth=20  # the speedrun model on 8 GPUs
+    python -m scripts.base_train --help                           # every setting, explained
+    python -m scripts.base_train --depth=26 --dry_run             # the derived numbers, then exit
+
+Checkpoints go to <base>/base_checkpoints/<model_tag>/ (model, per-rank optimizer shards, meta),
+with a log.jsonl of every step. `--resume_from_step=S` continues exactly where step S left off.
+"""
+
+import base64
+import json
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on GPUs
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type,
+                             DummyWandb, atomic_write, format_seconds)
+from nanochat.configurator import configure, batch_size_suggestions
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, list_steps
+
+# -----------------------------------------------------------------------------
+# Settings. Each can be overridden on the command line (--name=value); --help prints this block.
+
+# Runtime: where the run happens and how it is logged
+run = "dummy"  # wandb run name ("dummy" = no wandb logging)
+device_type = ""  # cuda|cpu|mps ("" = autodetect: CUDA > MPS > CPU)
+dtype = "auto"  # compute precision: auto|bfloat16|float32 (auto = bf16 on CUDA; on CPU only where measured faster)
+compile = "auto"  # torch.compile the model: auto|true|false (auto = on CUDA, on CPU when the run is long enough to repay it)
+dry_run = False  # print every derived number (dims, params, FLOPs, batch, horizon) and exit
+# Model: one dial sets the architecture
+depth = 20  # number of layers; width = 64*depth and heads = ceil(width/128) follow from it
+max_seq_len = 2048  # context length in tokens
+# Horizon: how long to train; the first positive one wins
+num_iterations = -1  # explicit number of optimisation steps (-1 = off)
+target_flops = -1.0  # train for this many FLOPs, for scaling-law sweeps (-1 = off)
+target_param_data_ratio = 20  # train on this many tokens per parameter (Chinchilla: 20; -1 = off)
+# Optimisation: batch, learning rates, schedule
+device_batch_size = 32  # sequences per forward pass on each device (lower it if memory runs out)
+total_batch_size = 524288  # tokens per optimisation step over all devices; gradient accumulation makes up the difference
+embedding_lr = 0.2  # AdamW learning rate of the token embedding
+unembedding_lr = 0.004  # AdamW learning rate of the lm_head
+matrix_lr = 0.02  # Muon learning rate of the transformer's matrices
+weight_decay = 0.0  # AdamW weight decay of the embedding and lm_head
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+warmup_ratio = 0.0  # fraction of the steps spent ramping the learning rate up
+warmdown_ratio = 0.2  # fraction of the steps at the end spent ramping it down to final_lr_frac
+final_lr_frac = 0.0  # learning rate at the last step, as a fraction of the initial one
+resume_from_step = -1  # continue from this step's checkpoint, exactly as if never stopped (-1 = start fresh)
+# Evaluation: periodic work, any value <= 0 turns it off
+eval_every = 250  # steps between validation bpb measurements (and at the last step)
+eval_tokens = 20*524288  # validation tokens per bpb measurement
+core_metric_every = 2000  # steps between CORE metric estimates (and at the last step)
+core_metric_max_per_task = 500  # examples per CORE task (-1 = all)
+sample_every = 2000  # steps between samples from fixed prompts (and at the last step)
+save_every = -1  # steps between checkpoints (-1 = only at the end)
+# Output: where checkpoints and the step log go
+model_tag = ""  # folder under <base>/base_checkpoints ("" = d<depth>)
+user_config = configure(globals(), __file__)  # apply --name=value overrides; the final settings, logged with the run
+# -----------------------------------------------------------------------------
+
+def fail(message):
+    """Stop with a message for the user (no traceback): bad settings, missing files."""
+    print0(f"error: {message}")
+    compute_cleanup()
+    raise SystemExit(1)
+
+for name, allowed in (("dtype", ("auto", "bfloat16", "float32")), ("compile", ("auto", "true", "false"))):
+    if globals()[name] not in allowed:
+        fail(f"--{name} must be one of {'|'.join(allowed)}, got {globals()[name]!r}")
+
+# Compute: device, distributed group, seeds
+device_type = device_type or autodetect_device_type()
+ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
+master_process = ddp_rank == 0  # rank 0 logs, writes the meta/model files and the step log
+synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+get_max_memory = torch.cuda.max_memory_allocated if device_type == "cuda" else (lambda: 0)
+
+# Tokenizer: needed for the vocabulary size, bits per byte and samples
+from nanochat.tokenizer import get_tokenizer, get_token_bytes
+try:
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+    vocab_size = tokenizer.get_vocab_size()
+except FileNotFoundError as e:
+    if not dry_run:
+        fail(f"{e}\n(the tokenizer is trained with `python -m scripts.tok_train`)")
+    vocab_size = 65536  # the speedrun's vocabulary, so a dry run can plan before any data exists
+    print0(f"No tokenizer yet: assuming vocab_size={vocab_size:,} for this dry run")
+print0(f"Vocab size: {vocab_size:,}")
+
+# Model: everything follows from depth (aspect ratio 64, head dim 128)
+from nanochat.gpt import GPT, GPTConfig
+num_layers = depth
+model_dim = depth * 64
+num_heads = max(1, (model_dim + 127) // 128)  # ceil division
+num_kv_heads = num_heads  # 1:1, i.e. no grouped-query attention
+model_config_kwargs = dict(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=num_layers,
+                           n_head=num_heads, n_kv_head=num_kv_heads, n_embd=model_dim)
+with torch.device("meta"):  # shapes only, no memory yet: the dry run needs no more
+    model = GPT(GPTConfig(**model_config_kwargs))
+num_params = sum(p.numel() for p in model.parameters())
+num_flops_per_token = model.estimate_flops()
+print0(f"Model: {num_layers} layers, dim {model_dim}, {num_heads} heads ({num_kv_heads} kv), head dim {model_dim // num_heads}")
+print0(f"Parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:e}")
+
+# Batch: micro-batches per rank, accumulated up to total_batch_size tokens per step
+tokens_per_fwdbwd = device_batch_size * max_seq_len  # one forward/backward on one rank
+world_tokens_per_fwdbwd = tokens_per_fwdbwd * ddp_world_size
+if total_batch_size <= 0 or total_batch_size % world_tokens_per_fwdbwd != 0:
+    fail(batch_size_suggestions(total_batch_size, device_batch_size, max_seq_len, ddp_world_size))
+grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+print0(f"Batch: {device_batch_size} x {max_seq_len} tokens x {ddp_world_size} ranks x {grad_accum_steps} accumulation steps = {total_batch_size:,} tokens per step")
+
+# Horizon: explicit steps, else a FLOPs budget, else a tokens:params ratio
+if num_iterations > 0:
+    horizon_source = "given by --num_iterations"
+elif target_flops > 0:
+    num_iterations = round(target_flops / (num_flops_per_token * total_batch_size))
+    horizon_source = f"from target_flops={target_flops:e}"
+elif target_param_data_ratio > 0:
+    num_iterations = target_param_data_ratio * num_params // total_batch_size
+    horizon_source = f"from tokens:params = {target_param_data_ratio}"
+else:
+    fail("no training horizon: set one of --num_iterations, --target_flops, --target_param_data_ratio to a positive value")
+if num_iterations <= 0:
+    fail(f"the horizon ({horizon_source}) rounds to {num_iterations} steps: raise it or lower --total_batch_size")
+total_tokens = total_batch_size * num_iterations
+print0(f"Steps: {num_iterations:,} ({horizon_source}) | tokens: {total_tokens:,} | tokens:params {total_tokens / num_params:.2f} | training FLOPs: {num_flops_per_token * total_tokens:e}")
+if dry_run:
+    derived = {
+        "num_layers": num_layers, "model_dim": model_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+        "head_dim": model_dim // num_heads, "vocab_size": vocab_size, "num_params": num_params,
+        "flops_per_token": num_flops_per_token, "world_size": ddp_world_size,
+        "tokens_per_micro_batch": world_tokens_per_fwdbwd, "grad_accum_steps": grad_accum_steps,
+        "num_iterations": num_iterations, "total_tokens": total_tokens,
+        "tokens_per_param": round(total_tokens / num_params, 4), "total_flops": num_flops_per_token * total_tokens,
+    }
+    print0("Dry run, derived numbers:")
+    for key, value in derived.items():
+        print0(f"  {key}: {value}")
+    compute_cleanup()
+    raise SystemExit(0)
+
+# Precision and compilation, chosen per device
+from nanochat import hardware
+if dtype == "auto":
+    use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16  # CUDA; CPUs with fast native bf16 (measured)
+else:
+    use_bf16 = dtype == "bfloat16"
+autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+if compile == "auto":
+    # On CPU, compiling takes tens of seconds; it pays off only over enough micro-steps.
+    use_compile = device_type == "cuda" or (device_type == "cpu" and num_iterations * grad_accum_steps >= 500)
+else:
+    use_compile = compile == "true"
+print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile}")
+
+# Model weights: fresh, or those of the checkpoint we resume from
+base_dir = get_base_dir()
+output_dirname = model_tag or f"d{depth}"
+checkpoint_dir = os.path.join(base_dir, "base_checkpoints", output_dirname)
+model.to_empty(device=device)
+model.init_weights()
+resuming = resume_from_step >= 0
+if resuming:
+    print0(f"Resuming from step {resume_from_step} of {checkpoint_dir}")
+    try:
+        model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True, rank=ddp_rank)
+    except FileNotFoundError as e:
+        fail(str(e))
+    model.load_state_dict(model_data, strict=True, assign=True)
+    del model_data
+    changed = {k: (meta_data["user_config"].get(k), v) for k, v in user_config.items()
+               if k not in ("resume_from_step", "run", "dry_run") and meta_data["user_config"].get(k) != v}
+    for k, (was, now) in changed.items():
+        print0(f"warning: {k} was {was!r} in the run being resumed and is {now!r} now: the continuation will differ")
+orig_model = model  # uncompiled: saved, evaluated with changing shapes, sampled from
+model = torch.compile(model, dynamic=False) if use_compile else model  # inputs keep one shape while training
+
+# Optimizers: AdamW for the embedding and lm_head, Muon for the matrices
+optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+                                         matrix_lr=matrix_lr, weight_decay=weight_decay)
+adamw_optimizer, muon_optimizer = optimizers
+if resuming:
+    for opt, state in zip(optimizers, optimizer_data):
+        opt.load_state_dict(state)
+    del optimizer_data
+
+# Data: a training stream that can restart at an exact batch, and a fresh validation stream per eval
+from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loader_state
+loader_resume_state = meta_data["dataloader_state_dict"] if resuming else None  # holds every rank's position
+train_loader = tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="train", device=device,
+                                                  resume_state_dict=loader_resume_state)
+build_val_loader = lambda: tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="val", device=device)
+x, y, loader_state = next(train_loader)  # the first batch; each micro-step fetches the next one early
+
+# Schedules
+def get_lr_multiplier(it):
+    """Linear warmup to 1, flat, then linear warmdown to final_lr_frac at the last step."""
+    warmup_iters = round(warmup_ratio * num_iterations)
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    if it < warmup_iters:
+        return (it + 1) / warmup_iters
+    if it <= num_iterations - warmdown_iters:
+        return 1.0
+    progress = (num_iterations - it) / warmdown_iters  # 1 -> 0 over the warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+def get_muon_momentum(it):
+    """Muon's momentum ramps 0.85 -> 0.95 over the first 300 steps (as in the reference)."""
+    frac = min(it / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+# Loop state: everything besides weights, optimizer and data that a resumed run must continue with
+def encode_rng_state(state):
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
+
+def decode_rng_state(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+if not resuming:
+    step = 0
+    min_val_bpb = float("inf")
+    smooth_train_loss = 0.0  # EMA of the training loss, debiased when printed
+    total_training_time = 0.0  # seconds of optimisation, not counting the first 10 (warm-up) steps
+    val_bpb = None
+else:
+    step = meta_data["step"]
+    loop_state = meta_data["loop_state"]
+    min_val_bpb = loop_state["min_val_bpb"]
+    smooth_train_loss = loop_state["smooth_train_loss"]
+    total_training_time = loop_state["total_training_time"]
+    val_bpb = meta_data.get("val_bpb")
+    rng = loop_state.get("rng", {})
+    if "python" in rng:
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    if "torch" in rng:
+        torch.set_rng_state(decode_rng_state(rng["torch"]))
+    if rng.get("cuda") and device_type == "cuda":
+        torch.cuda.set_rng_state(decode_rng_state(rng["cuda"]), device)
+# the data position a resumed run must start from: just after the last batch already trained on
+resume_loader_state = loader_resume_state
+if resuming and isinstance(resume_loader_state, dict) and "ranks" in resume_loader_state:
+    resume_loader_state = resume_loader_state["ranks"][ddp_rank] if len(resume_loader_state["ranks"]) == ddp_world_size else None
+
+def save(step):
+    """Checkpoint of this step: every rank's optimizer shard and data position, rank 0's model and meta."""
+    loader_states = gather_loader_state(resume_loader_state)  # a collective under torchrun: {"ranks": [...]}
+    rng = {"python": list(random.getstate()), "torch": encode_rng_state(torch.get_rng_state())}
+    if device_type == "cuda":
+        rng["cuda"] = encode_rng_state(torch.cuda.get_rng_state(device))
+    meta = {
+        "step": step,
+        "val_bpb": val_bpb,
+        "model_config": model_config_kwargs,
+        "user_config": user_config,
+        "device_batch_size": device_batch_size,
+        "max_seq_len": max_seq_len,
+        "dataloader_state_dict": loader_states,
+        "loop_state": {
+            "min_val_bpb": min_val_bpb,
+            "smooth_train_loss": smooth_train_loss,
+            "total_training_time": total_training_time,
+            "rng": rng,
+        },
+    }
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=ddp_rank)
+    if ddp:
+        dist.barrier()  # the step is only complete once every rank's shard is on disk
+
+# Step log: one JSON line per step and per evaluation; a resumed run drops what came after its step
+log_path = os.path.join(checkpoint_dir, "log.jsonl")
+if master_process:
+    kept = []
+    if resuming and os.path.exists(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] < step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut short by a crash
+    atomic_write(log_path, lambda f: f.writelines(kept), mode="w")
+    log_file = open(log_path, "a", encoding="utf-8")
+
+def log_jsonl(record):
+    if master_process:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+# wandb: only rank 0, only for named runs (WANDB_MODE=offline keeps it local)
+if run != "dummy" and master_process:
+    import wandb
+    wandb_run = wandb.init(project="nanochat", name=run, config=user_config)
+else:
+    wandb_run = DummyWandb()
+
+# Ctrl-C / SIGTERM: finish the current step, save, exit cleanly (a second Ctrl-C stops at once)
+stop_requested = False
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+    signal.signal(signum, signal.SIG_DFL)
+    print0(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then exiting")
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# MFU is measured against the device's peak (on CPU: a matmul benchmark, run once now)
+peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
+print0(f"Peak FLOP/s for MFU: {peak_flops:.3e}")
+
+# -----------------------------------------------------------------------------
+# Training loop: runs num_iterations + 1 times so that the last pass only evaluates and saves
+run_start = time.time()
+first_step = step
+interrupted = False
+stop_now = False
+mfu = 0.0
+results = {}
+while True:
+    last_step = step == num_iterations
+    flops_so_far = num_flops_per_token * total_batch_size * step
+
+    if stop_now:  # Ctrl-C / SIGTERM reached some rank before the last step's exchange: all stop here
+        if step != resume_from_step:
+            save(step)
+        print0(f"Stopped at step {step}. Continue with the same command plus --resume_from_step={step}")
+        interrupted = True
+        break
+
+    # validation bits per byte (all ranks take part)
+    if eval_every > 0 and (last_step or step % eval_every == 0):
+        model.eval()
+        from nanochat.loss_eval import evaluate_bpb
+        eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * ddp_world_size))
+        with autocast_ctx:
+            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+        min_val_bpb = min(min_val_bpb, val_bpb)
+        print0(f"Step {step:05d} | validation bpb: {val_bpb:.4f}")
+        log_jsonl({"step": step, "val_bpb": val_bpb})
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time, "val/bpb": val_bpb})
+        model.train()
+
+    # CORE metric (all ranks take part; the uncompiled model, since shapes vary)
+    if core_metric_every > 0 and (last_step or (step > 0 and step % core_metric_every == 0)):
+        from scripts.base_eval import evaluate_model
+        orig_model.eval()
+        with autocast_ctx:
+            results = evaluate_model(orig_model, tokenizer, device, max_per_task=core_metric_max_per_task)
+        print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}")
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
+                       "centered_results": results["centered_results"]})
+        orig_model.train()
+
+    # samples from fixed prompts (rank 0 only), greedy so they are comparable across steps
+    if master_process and sample_every > 0 and (last_step or (step > 0 and step % sample_every == 0)):
+        from nanochat.engine import Engine
+        orig_model.eval()
+        engine = Engine(orig_model, tokenizer)
+        prompts = ["The capital of France is", "The chemical symbol of gold is",
+                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+        for prompt in prompts:
+            with autocast_ctx:
+                samples, _ = engine.generate_batch(tokenizer(prompt, prepend="<|bos|>"), num_samples=1, max_tokens=16, temperature=0)
+            print0(tokenizer.decode(samples[0]))
+        orig_model.train()
+
+    # checkpoint: at the end, and every save_every steps (not at the step we resumed from)
+    if last_step or (save_every > 0 and step > 0 and step != resume_from_step and step % save_every == 0):
+        save(step)
+
+    if last_step:
+        break
+
+    # ---- one optimisation step: accumulate gradients over micro-batches, clip, update ----
+    synchronize()
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        with autocast_ctx:
+            loss = model(x, y)
+        loss_sum += loss.detach()
+        (loss / grad_accum_steps).backward()  # .backward() sums gradients: average them instead
+        resume_loader_state = loader_state  # the batch in hand is consumed; a resume starts after it
+        x, y, loader_state = next(train_loader)  # fetch the next batch while the device works
+    # one small exchange tells every rank the mean loss, whether any rank saw inf/nan, or was told to stop
+    step_flags = torch.stack([loss_sum / grad_accum_steps, (~torch.isfinite(loss_sum)).float(),
+                              torch.tensor(float(stop_requested), device=device)])
+    if ddp:
+        dist.all_reduce(step_flags, op=dist.ReduceOp.SUM)
+    train_loss, any_nonfinite, any_stop = step_flags.tolist()
+    train_loss /= ddp_world_size
+    stop_now = any_stop > 0
+    if any_nonfinite > 0:
+        saved = list_steps(checkpoint_dir)
+        last_good = (f"The last good checkpoint is step {saved[-1]} in {checkpoint_dir} (continue with --resume_from_step={saved[-1]})"
+                     if saved else "No checkpoint was saved before it")
+        print0(f"error: the training loss became nan/inf at step {step}; stopped before updating the weights. "
+               f"{last_good}; a lower learning rate or --grad_clip may help.")
+        if master_process:
+            log_file.close()
+        compute_cleanup()
+        raise SystemExit(1)
+    grad_norm = None
+    if grad_clip > 0.0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), grad_clip).item()
+    lrm = get_lr_multiplier(step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    muon_momentum = get_muon_momentum(step)
+    for group in muon_optimizer.param_groups:
+        group["momentum"] = muon_momentum
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    synchronize()
+    dt = time.time() - t0
+    # ---------------------------------------------------------------------------
+
+    # logging
+    ema_beta = 0.9  # smoothing of the printed loss
+    smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
+    debiased_smooth_loss = smooth_train_loss / (1 - ema_beta ** (step + 1))  # the EMA starts at 0: undo that bias
+    tok_per_sec = int(total_batch_size / dt)
+    mfu = 100 * num_flops_per_token * total_batch_size / dt / peak_flops
+    if step > 10:
+        total_training_time += dt  # the first steps include compilation and warm-up
+    steps_done = step + 1 - first_step
+    elapsed = time.time() - run_start
+    eta = elapsed / steps_done * (num_iterations - step - 1)
+    grad_text = f" grad norm: {grad_norm:.4f} |" if grad_norm is not None else ""
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased_smooth_loss:.6f} |{grad_text} "
+           f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | "
+           f"elapsed: {format_seconds(elapsed)} | eta: {format_seconds(eta)}")
+    log_jsonl({"step": step, "loss": debiased_smooth_loss, "raw_loss": train_loss, "grad_norm": grad_norm, "lr_mult": lrm,
+               "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "total_time": total_training_time})
+    if step % 100 == 0:
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
+                       "train/loss": debiased_smooth_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                       "train/mfu": mfu, **({"train/grad_norm": grad_norm} if grad_norm is not None else {})})
+    step += 1
+
+# -----------------------------------------------------------------------------
+if master_process:
+    log_file.close()
+print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f}MiB")
+print0(f"Total training time: {format_seconds(total_training_time)}")
+print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
+if not interrupted:
+    from nanochat.report import get_report
+    get_report().log(section="Base model training", data=[
+        user_config,
+        {
+            "Number of parameters": num_params,
+            "Number of FLOPs per token": f"{num_flops_per_token:e}",
+            "Calculated number of iterations": num_iterations,
+            "Number of training tokens": total_tokens,
+            "Tokens : Params ratio": total_tokens / num_params,
+            "DDP world size": ddp_world_size,
+            "Precision": "bf16 autocast" if use_bf16 else "fp32",
+            "torch.compile": use_compile,
+            "warmup_ratio": warmup_ratio,
+            "warmdown_ratio": warmdown_ratio,
+            "final_lr_frac": final_lr_frac,
+        },
+        {
+            "Minimum validation bpb": min_val_bpb,
+            "Final validation bpb": val_bpb,
+            "Final training loss": debiased_smooth_loss if num_iterations > first_step else None,
+            "CORE metric estimate": results.get("core_metric"),
+            # total_training_time covers steps 11 .. num_iterations-1 (the first ones include warm-up)
+            "Tokens per second": int(total_batch_size * (num_iterations - 11) / total_training_time) if total_training_time > 0 else None,
+            "MFU %": f"{mfu:.2f}%",
+            "Total training flops": f"{flops_so_far:e}",
+            "Total training time": f"{total_training_time / 60:.2f}m",
+            "Peak memory usage": f"{get_max_memory() / 1024 / 1024:.2f}MiB",
+        },
+    ])
+wandb_run.finish()
+compute_cleanup()

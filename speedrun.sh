@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The reference run: a depth-20 GPT (~560M parameters) pretrained on an 8xGPU node (about 3 hours
+# of pretraining on 8xH100), then evaluated, with a report card at the end.
+#
+#   bash speedrun.sh
+#   WANDB_RUN=d20 NPROC_PER_NODE=8 screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
+#
+# NPROC_PER_NODE (default 8): GPUs to use. WANDB_RUN (default "dummy" = no wandb; run `wandb login`
+# first otherwise). NANOCHAT_BASE_DIR, NANOCHAT_DATA_URL, NANOCHAT_DATA_MAX_SHARD and
+# NANOCHAT_EVAL_BUNDLE_URL are honoured by the stages. Re-running skips the stages whose outputs
+# exist, so after a failure fix the cause and run it again.
+set -Eeuo pipefail  # -E: the ERR trap below also fires inside functions
+CALLER_DIR="$PWD"
+source "$(dirname "$0")/runs/setup_env.sh"  # creates .venv on first use, then activates it
+cd "$REPO_ROOT"
+
+NPROC_PER_NODE=${NPROC_PER_NODE:-8}
+WANDB_RUN=${WANDB_RUN:-dummy}
+export OMP_NUM_THREADS=1  # one process per GPU: keep each one's CPU threads from fighting
+DEPTH=20
+MODEL_TAG="d$DEPTH"
+
+STAGE="setup"
+trap 'echo "speedrun.sh: stage \"$STAGE\" failed (see the messages above). Fix it and re-run: finished stages are skipped." >&2' ERR
+BASE_DIR=$(python -c "from nanochat.common import get_base_dir; print(get_base_dir())")
+echo "speedrun.sh: outputs in $BASE_DIR; $NPROC_PER_NODE processes; wandb run: $WANDB_RUN"
+
+# stage NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, so a re-run resumes where it stopped.
+stage() {
+    STAGE=$1; local output=$2; shift 2
+    if [ -e "$output" ]; then
+        echo "[skip] $STAGE: ${output#"$BASE_DIR"/} exists"
+    else
+        echo "[run] $STAGE"
+        "$@"
+    fi
+}
+
+# A new run starts a new report (system info and start time); a re-run continues the old one.
+stage "report reset" "$BASE_DIR/report/header.md" python -m nanochat.report reset
+
+# Data. Each shard is ~250M characters (~100 MB). The tokenizer needs ~2B characters: 8 shards, now.
+# Pretraining d20 needs 20 tokens per parameter = ~11.2B tokens = ~54B characters at ~4.8 chars per
+# token = ~216 shards: 240 to be safe, downloaded in the background while the tokenizer trains.
+STAGE="data (first 8 shards)"
+python -m nanochat.dataset -n 8
+python -m nanochat.dataset -n 240 > "$BASE_DIR/download.log" 2>&1 &
+DOWNLOAD_PID=$!
+trap 'kill "$DOWNLOAD_PID" 2>/dev/null || true' EXIT  # do not leave the download running if we stop early
+echo "Downloading the remaining shards in the background (pid $DOWNLOAD_PID, log: $BASE_DIR/download.log)"
+
+# Tokenizer: vocab 65536 (2^16) trained on ~2B characters, then its compression measured.
+stage "tokenizer" "$BASE_DIR/tokenizer/token_bytes.pt" python -m scripts.tok_train --max_chars=2000000000
+stage "tokenizer evaluation" "$BASE_DIR/report/tokenizer-evaluation.md" python -m scripts.tok_eval
+
+STAGE="data (all 240 shards)"
+echo "Waiting for the background download to finish..."
+if ! wait "$DOWNLOAD_PID"; then
+    tail -n 20 "$BASE_DIR/download.log" >&2
+    false  # fails the stage with the message above
+fi
+
+# The last step of $MODEL_TAG with a complete checkpoint, or -1 when there is none.
+last_checkpoint_step() {
+    python -c "import sys; from nanochat.checkpoint_manager import list_steps; steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" \
+        "$BASE_DIR/base_checkpoints/$MODEL_TAG"
+}
+
+# Pretraining. A finished run leaves its final checkpoint and its report section; a run stopped early
+# (Ctrl-C or SIGTERM save a checkpoint) resumes exactly where it stopped.
+STAGE="base model training"
+LAST_STEP=$(last_checkpoint_step)
+if [ -e "$BASE_DIR/report/base-model-training.md" ] && [ "$LAST_STEP" -ge 0 ]; then
+    echo "[skip] $STAGE: finished (report section and base_checkpoints/$MODEL_TAG step $LAST_STEP exist)"
+else
+    RESUME=""
+    if [ "$LAST_STEP" -ge 0 ]; then RESUME="--resume_from_step=$LAST_STEP"; fi
+    echo "[run] $STAGE ${RESUME:+(resuming from step $LAST_STEP)}"
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- \
+        --depth="$DEPTH" --run="$WANDB_RUN" --model_tag="$MODEL_TAG" $RESUME
+fi
+
+# Evaluation: bits per byte on bigger train/val slices with a few samples, then CORE.
+stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" \
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_loss -- --model_tag="$MODEL_TAG"
+LAST_STEP=$(printf %06d "$(last_checkpoint_step)")
+stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$LAST_STEP.csv" \
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_eval -- --model_tag="$MODEL_TAG"
+
+# The report card: <base>/report.md, copied (with its plots) into the directory this was run from.
+STAGE="report"
+(cd "$CALLER_DIR" && python -m nanochat.report generate)
+echo "speedrun.sh: done. Report: $CALLER_DIR/report.md"

@@ -1,0 +1,169 @@
+"""
+The GPT model: sizes, init, causality, KV-cache equivalence, loss, generation, optimizer set-up.
+All on CPU in fp32 with tiny models.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig
+
+try:  # the real cache, if present
+    from nanochat.engine import KVCache
+except ImportError:  # a minimal stand-in implementing the protocol documented in gpt.py
+    class KVCache:
+        def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+            self.num_layers, self.pos = num_layers, 0
+            self.k, self.v = [None] * num_layers, [None] * num_layers
+
+        def get_pos(self):
+            return self.pos
+
+        def insert_kv(self, layer_idx, k, v):
+            prev_k, prev_v = self.k[layer_idx], self.v[layer_idx]
+            self.k[layer_idx] = k if prev_k is None else torch.cat([prev_k, k], dim=2)
+            self.v[layer_idx] = v if prev_v is None else torch.cat([prev_v, v], dim=2)
+            if layer_idx == self.num_layers - 1:
+                self.pos += k.size(2)
+            return self.k[layer_idx], self.v[layer_idx]
+
+
+def build(config, seed=0, randomize=True):
+    """Meta-device build + init, as training does. randomize=True also fills the zero-initialised
+    projections, so that every path through the network affects the logits."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    if randomize:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "c_proj" in name or "lm_head" in name:
+                    p.normal_(0, 0.5 / math.sqrt(p.size(1)))
+    return model.eval()
+
+
+TINY = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=32)
+TINY_GQA = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+
+
+@pytest.mark.parametrize("sequence_len", [128, 2048])
+def test_depth4_parameter_count_and_keys(sequence_len):
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=8192, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
+    model = build(config, randomize=False)
+    # wte + lm_head: 2 * 8192 * 256; per block: 4 * 256^2 (attention) + 2 * 256 * 1024 (MLP)
+    assert sum(p.numel() for p in model.parameters()) == 7_340_032
+    expected = ["transformer.wte.weight"]
+    for i in range(4):
+        expected += [f"transformer.h.{i}.attn.c_{n}.weight" for n in ("q", "k", "v", "proj")]
+        expected += [f"transformer.h.{i}.mlp.c_{n}.weight" for n in ("fc", "proj")]
+    expected.append("lm_head.weight")
+    state = model.state_dict()
+    assert list(state.keys()) == expected  # no rotary buffers in the checkpoint
+    assert state["transformer.h.0.mlp.c_fc.weight"].shape == (1024, 256)
+    assert state["lm_head.weight"].shape == (8192, 256)
+    assert model.cos.shape == (1, 10 * sequence_len, 1, 128 // 2)
+
+
+def test_init_and_flops():
+    config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    model = build(config, randomize=False)
+    assert model.lm_head.weight.abs().max() == 0
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.abs().max() == 0 and block.mlp.c_proj.weight.abs().max() == 0
+    # std = 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in)): square -> 1/sqrt(128); c_fc (512x128) -> 1/sqrt(128)
+    assert abs(model.transformer.h[0].attn.c_q.weight.std().item() - 128 ** -0.5) < 0.005
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 128 ** -0.5) < 0.005
+    assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.02
+    n_params = sum(p.numel() for p in model.parameters())
+    expected = 6 * (n_params - 512 * 128) + 12 * 2 * 2 * 64 * 64
+    assert model.estimate_flops() == expected
+    # a fresh model predicts the uniform distribution: lm_head starts at zero
+    idx = torch.randint(0, 512, (2, 16))
+    assert abs(model(idx, targets=idx).item() - math.log(512)) < 1e-5
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_GQA], ids=["mha", "gqa"])
+def test_causality(config):
+    model = build(config)
+    idx = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    t = 11
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % config.vocab_size
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert torch.equal(a[:, :t], b[:, :t])  # nothing before t may see token t
+    assert not torch.allclose(a[:, t:], b[:, t:])  # and it does matter from t on
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("chunks", [[6] + [1] * 10, [5, 4, 3, 1, 1, 2], [1] * 8], ids=["prefill+decode", "chunked", "decode-only"])
+def test_kv_cache_matches_full_forward(config, chunks):
+    model = build(config)
+    B, T = 2, sum(chunks)
+    idx = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(2))
+    head_dim = config.n_embd // config.n_head
+    cache = KVCache(batch_size=B, num_heads=config.n_kv_head, seq_len=T, head_dim=head_dim, num_layers=config.n_layer)
+    with torch.no_grad():
+        full = model(idx)
+        pieces, start = [], 0
+        for n in chunks:
+            pieces.append(model(idx[:, start:start + n], kv_cache=cache))
+            start += n
+    assert cache.get_pos() == T
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_loss_reduction_and_ignore_index():
+    model = build(TINY)
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    targets = torch.roll(idx, -1, dims=1)
+    targets[:, -3:] = -1  # ignored positions
+    with torch.no_grad():
+        per_token = model(idx, targets=targets, loss_reduction="none")
+        mean = model(idx, targets=targets)
+        logits = model(idx)
+    assert per_token.shape == (24,) and logits.dtype == torch.float32
+    assert torch.all(per_token.view(2, 12)[:, -3:] == 0)
+    torch.testing.assert_close(mean, per_token.sum() / 18)
+    torch.testing.assert_close(mean, F.cross_entropy(logits.view(-1, 64), targets.view(-1), ignore_index=-1))
+    assert logits.abs().max() < 15  # soft-capped
+
+
+def test_generate():
+    model = build(TINY)
+    prompt = [1, 2, 3]
+    greedy = list(model.generate(prompt, max_tokens=5, temperature=0.0))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert greedy == ids[3:]
+    sample_a = list(model.generate(prompt, max_tokens=6, temperature=1.0, top_k=5, seed=7))
+    sample_b = list(model.generate(prompt, max_tokens=6, temperature=1.0, top_k=5, seed=7))
+    assert sample_a == sample_b and all(0 <= t < 64 for t in sample_a)
+
+
+def test_setup_optimizers_groups_and_lrs():
+    config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = build(config, randomize=False)
+    adamw, muon = model.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0)
+    assert isinstance(adamw, torch.optim.AdamW)
+    scale = (64 / 768) ** -0.5
+    lm_head_group, embedding_group = adamw.param_groups
+    assert lm_head_group["params"] == [model.lm_head.weight]
+    assert embedding_group["params"] == [model.transformer.wte.weight]
+    assert lm_head_group["lr"] == pytest.approx(0.004 * scale) and embedding_group["lr"] == pytest.approx(0.2 * scale)
+    assert lm_head_group["betas"] == (0.8, 0.95) and lm_head_group["eps"] == 1e-10
+    muon_params = [p for g in muon.param_groups for p in g["params"]]
+    assert {id(p) for p in muon_params} == {id(p) for p in model.transformer.h.parameters()}
+    for group in muon.param_groups:
+        assert len({p.shape for p in group["params"]}) == 1  # one shape per group
+        assert group["momentum"] == 0.95
+    for opt in (adamw, muon):
+        for group in opt.param_groups:
+            assert group["initial_lr"] == group["lr"]

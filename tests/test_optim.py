@@ -1,0 +1,175 @@
+"""
+Muon's Newton-Schulz orthogonalisation and update rule, and the distributed optimizers: one step on
+2 gloo processes must give the same weights as one process on the concatenated batch.
+"""
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat import muon as muon_module
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.muon import Muon, newton_schulz
+from nanochat.adamw import DistAdamW
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def random_with_singular_values(rows, cols, singular_values, seed):
+    """U diag(s) V^T with random orthonormal U, V; also returns U V^T, the exact orthogonalisation."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    U, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
+    return U @ torch.diag(singular_values) @ V.T, U @ V.T
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 96), (128, 48)], ids=["wide", "tall", "square", "tall2"])
+def test_newton_schulz_singular_value_band(shape, dtype):
+    rows, cols = shape
+    # singular values spread over 1.5 decades, so the small ones need the full 5 steps
+    s = torch.logspace(0, -1.5, min(rows, cols)) * 7.0
+    G, exact = random_with_singular_values(rows, cols, s, seed=rows + cols)
+    X = newton_schulz(G, steps=5, dtype=dtype)
+    assert X.dtype == dtype and X.shape == G.shape
+    sv = torch.linalg.svdvals(X.float())
+    assert sv.min() > 0.5 and sv.max() < 1.5, (sv.min().item(), sv.max().item())
+    # same singular vectors as G: close to U V^T (cosine similarity)
+    cosine = (X.float() * exact).sum() / (X.float().norm() * exact.norm())
+    assert cosine > 0.95
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 96), (2, 96, 48), (300, 100)])
+def test_newton_schulz_random_rectangular(shape):
+    # Gaussian matrices with aspect ratio >= 2 are well conditioned: every singular value lands in the band
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for dtype in DTYPES:
+        sv = torch.linalg.svdvals(newton_schulz(G, dtype=dtype).float())
+        assert sv.min() > 0.5 and sv.max() < 1.5
+    # a batched call is the same as one call per matrix
+    if G.ndim == 3:
+        one_by_one = torch.stack([newton_schulz(g, dtype=torch.float32) for g in G])
+        torch.testing.assert_close(newton_schulz(G, dtype=torch.float32), one_by_one, atol=1e-6, rtol=1e-5)
+
+
+def test_muon_update_rule_and_grouping():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in [(32, 16), (16, 32), (32, 16), (16, 16)]]
+    opt = Muon(params, lr=0.1, momentum=0.9, nesterov=True)
+    opt.ns_dtype = torch.float32
+    assert sorted(len(g["params"]) for g in opt.param_groups) == [1, 1, 2]  # grouped by shape
+    before = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for step in range(2):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            bufs[i] = 0.9 * bufs[i] + 0.1 * g
+            nesterov = 0.1 * g + 0.9 * bufs[i]
+            rows, cols = p.shape
+            before[i] -= 0.1 * math.sqrt(max(1, rows / cols)) * newton_schulz(nesterov, dtype=torch.float32)
+            torch.testing.assert_close(p.detach(), before[i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(p.grad, g)  # Muon leaves .grad alone
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed: 2 gloo processes vs 1 process
+
+WORLD_SIZE = 2
+BATCH, SEQ = 4, 16  # the global batch; each rank gets BATCH // WORLD_SIZE rows
+STEPS = 2  # the second step exercises the sharded momentum / Adam state
+# n_layer=3: each Muon shape group has 3 matrices, so ownership is uneven (2 + 1) and padded
+CONFIG = GPTConfig(sequence_len=SEQ, vocab_size=96, n_layer=3, n_head=2, n_kv_head=1, n_embd=64)
+
+
+def make_model():
+    with torch.device("meta"):
+        model = GPT(CONFIG)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    with torch.no_grad():  # fill the zero-initialised projections so every matrix gets a gradient at step 1
+        for name, p in model.named_parameters():
+            if "c_proj" in name or "lm_head" in name:
+                p.normal_(0, 0.5 / math.sqrt(p.size(1)))
+    return model
+
+
+def make_batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, CONFIG.vocab_size, (BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
+
+
+def train(model, batches, rows):
+    """STEPS optimisation steps of every rank's slice `rows` of each batch; returns the final state_dict."""
+    adamw, muon = model.setup_optimizers(weight_decay=0.1)
+    muon.ns_dtype = torch.float32  # fp32 so that the comparison can be tight
+    for batch in batches:
+        batch = batch[rows]
+        loss = model(batch[:, :-1], targets=batch[:, 1:])
+        loss.backward()
+        for opt in (adamw, muon):
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def odd_shape_adamw_step(rank, world_size):
+    """DistAdamW on a parameter whose dim 0 does not divide by the world size (the replicated path)."""
+    g = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+    grads = torch.randn(world_size, 5, 3, generator=g)
+    opt = DistAdamW([p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    p.grad = grads[rank].clone()
+    opt.step()
+    return p.detach().clone()
+
+
+def dist_worker(rank, port, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        per_rank = BATCH // WORLD_SIZE
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        results = {"native": train(make_model(), make_batches(), rows)}
+        muon_module._native_reduce_scatter = False  # the all_reduce + slice fallback for backends without reduce_scatter
+        results["fallback"] = train(make_model(), make_batches(), rows)
+        results["odd"] = odd_shape_adamw_step(rank, WORLD_SIZE)
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_step_matches_single_process(tmp_path):
+    out_path = str(tmp_path / "dist.pt")
+    mp.spawn(dist_worker, args=(free_port(), out_path), nprocs=WORLD_SIZE, join=True)
+    results = torch.load(out_path)
+
+    expected = train(make_model(), make_batches(), slice(None))  # torch AdamW + Muon, whole batch
+    # Gradients are averaged in a different order (two half-batch means vs one full mean), so weights
+    # agree to float rounding, amplified by the large embedding LR (0.2 * (64/768)^-0.5 = 0.69).
+    for mode in ("native", "fallback"):
+        for name, value in expected.items():
+            torch.testing.assert_close(results[mode][name], value, atol=1e-5, rtol=1e-5, msg=f"{mode} {name}")
+        assert not torch.equal(results[mode]["transformer.h.0.attn.c_q.weight"], make_model().state_dict()["transformer.h.0.attn.c_q.weight"])
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+    p.grad = torch.randn(WORLD_SIZE, 5, 3, generator=g).mean(0)
+    torch.optim.AdamW([p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1).step()
+    torch.testing.assert_close(results["odd"], p.detach(), atol=1e-6, rtol=1e-6)
