@@ -167,7 +167,11 @@ def shard_sample(split):
 
 def main(argv=None):
     args = parse_args(argv)
-    tokenizers = [("Ours", get_tokenizer())]
+    try:
+        tokenizers = [("Ours", get_tokenizer())]
+    except FileNotFoundError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
     if not args.no_baselines:
         for label, tiktoken_name in BASELINES:
             tokenizer, error = load_baseline(tiktoken_name, args.baseline_timeout)

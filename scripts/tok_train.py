@@ -106,7 +106,11 @@ def main(argv=None):
 
     text = TrainingText(args.max_chars, args.doc_cap)
     t0 = time.time()
-    tokenizer = RustBPETokenizer.train_from_iterator(iter(text), args.vocab_size)
+    try:
+        tokenizer = RustBPETokenizer.train_from_iterator(iter(text), args.vocab_size)
+    except (FileNotFoundError, ValueError) as e:  # no shards on disk, or too little text for vocab_size
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
     train_time = time.time() - t0
     print0(f"Used {text.num_chars:,} chars from {text.num_docs:,} documents")
     print0(f"Training time: {train_time:.2f}s (reading, splitting and counting, then merging)")

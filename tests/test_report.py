@@ -12,7 +12,7 @@ from nanochat.report import Report, DummyReport, get_report, slugify
 
 
 @pytest.fixture
-def base(base, tmp_path, monkeypatch):
+def base(base_dir, tmp_path, monkeypatch):
     """conftest's fresh NANOCHAT_BASE_DIR, as rank 0, run from an empty current directory."""
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

@@ -258,6 +258,15 @@ def test_tok_train_script(shards, base_dir):
 
     with pytest.raises(SystemExit):
         tok_train.main(["--vocab_size=100"])
+    assert tok_train.main(["--vocab_size=60000"]) == 1  # far more merges than this text supports
+
+
+def test_scripts_without_data_fail_clearly(base_dir, capsys):
+    from scripts import tok_train, tok_eval
+    assert tok_train.main(["--vocab_size=300"]) == 1
+    assert "python -m nanochat.dataset" in capsys.readouterr().err
+    assert tok_eval.main(["--no_baselines"]) == 1
+    assert "python -m scripts.tok_train" in capsys.readouterr().err
 
 
 def test_tok_eval_script(shards, base_dir, monkeypatch, capsys):
