@@ -78,6 +78,10 @@ else
     echo "[run] $STAGE ${RESUME:+(resuming from step $LAST_STEP)}"
     torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- \
         --depth="$DEPTH" --run="$WANDB_RUN" --model_tag="$MODEL_TAG" $RESUME
+    if [ ! -e "$BASE_DIR/report/base-model-training.md" ]; then  # written only by a run that reached its end
+        echo "speedrun.sh: training stopped at step $(last_checkpoint_step) before its end; run speedrun.sh again to resume it." >&2
+        exit 1
+    fi
 fi
 
 # Evaluation: bits per byte on bigger train/val slices with a few samples, then CORE.

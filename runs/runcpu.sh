@@ -80,6 +80,11 @@ else
         --eval_every="$EVAL_EVERY" --eval_tokens="$EVAL_TOKENS" \
         --core_metric_every=-1 --sample_every=-1 --save_every=-1 \
         --model_tag="$MODEL_TAG" $RESUME
+    LAST_STEP=$(last_checkpoint_step)
+    if [ "$LAST_STEP" -lt "$STEPS" ]; then
+        echo "runcpu.sh: training stopped at step $LAST_STEP of $STEPS; run runcpu.sh again to resume it." >&2
+        exit 1
+    fi
 fi
 stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" \
     python -m scripts.base_loss --model_tag="$MODEL_TAG" \
