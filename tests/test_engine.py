@@ -12,6 +12,16 @@ from nanochat.calculator import use_calculator
 from nanochat.engine import Engine, KVCache, sample_next_token
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # The models here are tiny: on a loaded 2-core machine, 2 torch threads spin-wait on each
+    # other and were measured ~50x slower than 1 thread for this file.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # -----------------------------------------------------------------------------
 # A tiny character-level tokenizer with the special tokens the Engine needs
 

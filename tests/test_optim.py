@@ -173,3 +173,25 @@ def test_distributed_step_matches_single_process(tmp_path):
     p.grad = torch.randn(WORLD_SIZE, 5, 3, generator=g).mean(0)
     torch.optim.AdamW([p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1).step()
     torch.testing.assert_close(results["odd"], p.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_precision_choice_follows_cpu_features(monkeypatch):
+    from nanochat import hardware
+    # without native bf16 the slow emulated path is never chosen, and nothing is measured
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda *a, **k: pytest.fail("should not measure"))
+    hardware._bf16_matmul_speedup.cache_clear()
+    try:
+        assert hardware.bf16_matmul_speedup("cpu") == 0.0
+        assert hardware.newton_schulz_dtype("cpu") == torch.float32
+        assert hardware.choose_autocast_dtype("cpu") is None
+        # with native bf16 the decision follows the measurement
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+        speeds = {torch.float32: 1e11, torch.bfloat16: 3e11}
+        monkeypatch.setattr(hardware, "measure_matmul_flops", lambda device, dtype, **k: speeds[dtype])
+        hardware._bf16_matmul_speedup.cache_clear()
+        assert hardware.bf16_matmul_speedup("cpu") == pytest.approx(3.0)
+        assert hardware.newton_schulz_dtype("cpu") == torch.bfloat16
+        assert hardware.choose_autocast_dtype("cpu") == torch.bfloat16
+    finally:
+        hardware._bf16_matmul_speedup.cache_clear()  # later tests measure the real machine again
