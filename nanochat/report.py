@@ -31,7 +31,6 @@ PIPELINE_SECTIONS = [
     "Base model training",
     "Base model loss",
     "Base model evaluation",
-    "Base model samples",
 ]
 IMAGE_DIR = "@@IMAGE_DIR@@"  # replaced by the image folder relative to each copy of report.md
 PLOTS = [("train_loss.png", "loss", "train loss"), ("val_bpb.png", "val_bpb", "val bpb")]
@@ -237,6 +236,26 @@ def training_curves(report_dir, log_path):
     return "\n".join(lines), summary
 
 
+def core_table(base_dir, eval_items):
+    """Markdown table of <base>/base_eval/base_model_<step>.csv (accuracy and centered score per task)."""
+    match = re.search(r"step (\d+)", eval_items.get("Model", ""))
+    path = os.path.join(base_dir, "base_eval", f"base_model_{int(match.group(1)):06d}.csv") if match else None
+    if path is None or not os.path.exists(path):
+        paths = glob.glob(os.path.join(base_dir, "base_eval", "base_model_*.csv"))
+        if not paths:
+            return ""
+        path = max(paths, key=os.path.getmtime)
+    with open(path, encoding="utf-8") as f:
+        rows = [[cell.strip() for cell in line.split(",")] for line in f if line.strip()]
+    lines = [f"CORE per task (`{os.path.relpath(path, base_dir)}`):", "",
+             "| Task | Accuracy | Centered |", "|---|---|---|"]
+    for row in rows[1:]:  # rows[0] is the header
+        if len(row) == 3:
+            task, accuracy, centered = row
+            lines.append(f"| **{task}** | | **{centered}** |" if task == "CORE" else f"| {task} | {accuracy} | {centered} |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 
 class Report:
@@ -329,8 +348,12 @@ class Report:
         # Sections in pipeline order, the curves right after training.
         parts = [header.rstrip("\n") + "\n"]
         curves_placed = False
-        for name, _, _, text in sections:
+        for name, _, items, text in sections:
             parts.append(text.rstrip("\n") + "\n")
+            if slugify(name) == "base-model-evaluation":
+                table = core_table(base_dir, items)
+                if table:
+                    parts.append(table + "\n")
             if slugify(name) == "base-model-training":
                 parts.append(curves + "\n")
                 curves_placed = True

@@ -152,26 +152,12 @@ if dry_run:
     compute_cleanup()
     raise SystemExit(0)
 
-# Precision and compilation, chosen per device
-from nanochat import hardware
-if dtype == "auto":
-    use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16  # CUDA; CPUs with fast native bf16 (measured)
-else:
-    use_bf16 = dtype == "bfloat16"
-autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-if compile == "auto":
-    # On CPU, compiling takes tens of seconds; it pays off only over enough micro-steps.
-    use_compile = device_type == "cuda" or (device_type == "cpu" and num_iterations * grad_accum_steps >= 500)
-else:
-    use_compile = compile == "true"
-print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile}")
-
 # Model weights: fresh, or those of the checkpoint we resume from
 base_dir = get_base_dir()
 output_dirname = model_tag or f"d{depth}"
 checkpoint_dir = os.path.join(base_dir, "base_checkpoints", output_dirname)
 model.to_empty(device=device)
-model.init_weights()
+model.init_weights()  # before any measurement below draws random numbers: same weights every time
 resuming = resume_from_step >= 0
 if resuming:
     print0(f"Resuming from step {resume_from_step} of {checkpoint_dir}")
@@ -181,10 +167,32 @@ if resuming:
         fail(str(e))
     model.load_state_dict(model_data, strict=True, assign=True)
     del model_data
-    changed = {k: (meta_data["user_config"].get(k), v) for k, v in user_config.items()
-               if k not in ("resume_from_step", "run", "dry_run") and meta_data["user_config"].get(k) != v}
+    # settings that change the optimisation itself (evaluation, sampling, saving and naming do not)
+    harmless = {"run", "dry_run", "resume_from_step", "eval_every", "eval_tokens", "core_metric_every",
+                "core_metric_max_per_task", "sample_every", "save_every", "model_tag"}
+    saved_config = meta_data["user_config"]
+    changed = {k: (saved_config[k], v) for k, v in user_config.items() if k in saved_config and k not in harmless and saved_config[k] != v}
     for k, (was, now) in changed.items():
         print0(f"warning: {k} was {was!r} in the run being resumed and is {now!r} now: the continuation will differ")
+
+# Precision and compilation, chosen per device
+from nanochat import hardware
+if dtype == "auto":
+    use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16  # CUDA; CPUs with fast native bf16 (measured)
+else:
+    use_bf16 = dtype == "bfloat16"
+autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+# MFU is measured against the device's peak (datasheet on known GPUs; on CPU a matmul benchmark, run once now)
+peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
+if compile == "auto":
+    # On CPU compiling costs 10-40 s and about halves the step time (measured at depth 4, seq 512):
+    # worth it once the run would take more than ~10 s even at the device's peak FLOP/s.
+    seconds_at_peak = num_flops_per_token * total_tokens / peak_flops
+    use_compile = device_type == "cuda" or (device_type == "cpu" and seconds_at_peak > 10)
+else:
+    use_compile = compile == "true"
+print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile} | peak FLOP/s for MFU: {peak_flops:.3e}")
+
 orig_model = model  # uncompiled: saved, evaluated with changing shapes, sampled from
 model = torch.compile(model, dynamic=False) if use_compile else model  # inputs keep one shape while training
 
@@ -202,6 +210,9 @@ from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loade
 loader_resume_state = meta_data["dataloader_state_dict"] if resuming else None  # holds every rank's position
 train_loader = tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="train", device=device,
                                                   resume_state_dict=loader_resume_state)
+if core_metric_every > 0:  # fetch the CORE eval bundle now rather than fail hours into the run
+    from scripts.base_eval import ensure_eval_bundle
+    eval_bundle_dir = ensure_eval_bundle()
 build_val_loader = lambda: tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="val", device=device)
 x, y, loader_state = next(train_loader)  # the first batch; each micro-step fetches the next one early
 
@@ -316,10 +327,6 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
-# MFU is measured against the device's peak (on CPU: a matmul benchmark, run once now)
-peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
-print0(f"Peak FLOP/s for MFU: {peak_flops:.3e}")
-
 # -----------------------------------------------------------------------------
 # Training loop: runs num_iterations + 1 times so that the last pass only evaluates and saves
 run_start = time.time()
@@ -354,10 +361,10 @@ while True:
 
     # CORE metric (all ranks take part; the uncompiled model, since shapes vary)
     if core_metric_every > 0 and (last_step or (step > 0 and step % core_metric_every == 0)):
-        from scripts.base_eval import evaluate_model
+        from nanochat.core_eval import evaluate_core
         orig_model.eval()
         with autocast_ctx:
-            results = evaluate_model(orig_model, tokenizer, device, max_per_task=core_metric_max_per_task)
+            results = evaluate_core(orig_model, tokenizer, device, eval_bundle_dir, max_per_task=core_metric_max_per_task)
         print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}")
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
                        "centered_results": results["centered_results"]})
@@ -456,7 +463,8 @@ while True:
 # -----------------------------------------------------------------------------
 if master_process:
     log_file.close()
-print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f}MiB")
+if device_type == "cuda":
+    print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f}MiB")
 print0(f"Total training time: {format_seconds(total_training_time)}")
 print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
 if not interrupted:

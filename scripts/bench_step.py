@@ -7,8 +7,9 @@ hits every variant alike). Prints the choices nanochat.hardware makes on this de
     python -m scripts.bench_step --threads=1 --repeats=5 # one thread: steadier on a busy machine
     python -m scripts.bench_step --compile=true          # also torch.compile: compile time vs steady state
 
-Wall time is the median over repeats; CPU time (process time: all threads) is shown too because it
-is far less sensitive to other processes on a shared machine.
+Wall time is the median over repeats. CPU time (process time, all threads) is shown too: with
+--threads=1 it hardly depends on other processes sharing the machine; with several threads it is
+inflated there by threads spin-waiting for each other.
 """
 
 # Model: the size that gets timed
@@ -95,8 +96,10 @@ def main():
         return run
 
     variants = {"fwd+bwd fp32": fwd_bwd(model, None)}
-    if device.type != "cpu" or hardware.cpu_has_native_bf16() or autocast_dtype is not None:
+    if device.type != "cpu" or hardware.cpu_has_native_bf16():
         variants["fwd+bwd bf16 autocast"] = fwd_bwd(model, torch.bfloat16)
+    else:
+        print("bf16 autocast not timed: this CPU emulates bf16 (expect it many times slower than fp32)")
     compile_times = {}
     if compile == "true":
         compiled = torch.compile(model, dynamic=False)
@@ -120,20 +123,20 @@ def main():
         variants[f"NS batched {label}"] = lambda dt=dt: [newton_schulz(g, dtype=dt) for g in ns_inputs]
         variants[f"NS per matrix {label}"] = lambda dt=dt: [newton_schulz(m, dtype=dt) for g in ns_inputs for m in g]
 
-    results = {name: [] for name in variants}
-    for name, fn in variants.items():  # warm-up
-        if name.startswith("optimizer"):
+    def run_variant(name, fn):
+        if name.startswith("optimizer"):  # every optimizer step sees the same gradients
             for n, p in model.named_parameters():
                 p.grad = grads[n].clone()
-        fn()
+        result = timed(fn, device)
         model.zero_grad(set_to_none=True)
-    for r in range(repeats):
+        return result
+
+    results = {name: [] for name in variants}
+    for name, fn in variants.items():  # warm-up
+        run_variant(name, fn)
+    for _ in range(repeats):  # interleaved, so load on the machine hits every variant alike
         for name, fn in variants.items():
-            if name.startswith("optimizer"):
-                for n, p in model.named_parameters():
-                    p.grad = grads[n].clone()
-            results[name].append(timed(fn, device))
-            model.zero_grad(set_to_none=True)
+            results[name].append(run_variant(name, fn))
 
     def med(name, i):
         return statistics.median(t[i] for t in results[name])

@@ -4,7 +4,6 @@ Muon's Newton-Schulz orthogonalisation and update rule, and the distributed opti
 """
 
 import math
-import socket
 
 import pytest
 import torch
@@ -132,9 +131,10 @@ def odd_shape_adamw_step(rank, world_size):
     return p.detach().clone()
 
 
-def dist_worker(rank, port, out_path):
+def dist_worker(rank, store_path, out_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    # rendezvous through a file: no port to pick, so nothing can race us for it
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
     try:
         per_rank = BATCH // WORLD_SIZE
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -144,20 +144,15 @@ def dist_worker(rank, port, out_path):
         results["odd"] = odd_shape_adamw_step(rank, WORLD_SIZE)
         if rank == 0:
             torch.save(results, out_path)
+        dist.barrier()  # leave together: a rank exiting while the other still talks to it can abort in gloo
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_distributed_step_matches_single_process(tmp_path):
     out_path = str(tmp_path / "dist.pt")
-    mp.spawn(dist_worker, args=(free_port(), out_path), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(dist_worker, args=(str(tmp_path / "store"), out_path), nprocs=WORLD_SIZE, join=True)
     results = torch.load(out_path)
 
     expected = train(make_model(), make_batches(), slice(None))  # torch AdamW + Muon, whole batch

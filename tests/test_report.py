@@ -101,6 +101,10 @@ def test_generate_assembles_sections_in_pipeline_order_with_plots(base):
     report.log("Tokenizer training", [{"vocab_size": 8192}])
     report.log("Base model loss", [{"train bpb": 2.5, "val bpb": 2.6}, {"sample 0": "Hello world"}])
     write_training_log(base)
+    (base / "base_eval").mkdir()
+    (base / "base_eval" / "base_model_000010.csv").write_text(
+        "Task      , Accuracy  , Centered  \nhellaswag , 0.260000  , 0.013333  \n"
+        "arc_easy  , 0.300000  , 0.066667  \nCORE      ,           , 0.040000  \n")
     report_path = report.generate()
 
     assert report_path == os.path.join(base, "report.md")
@@ -113,6 +117,11 @@ def test_generate_assembles_sections_in_pipeline_order_with_plots(base):
     assert "| news | 4.50 |" in text
     assert "- sample 0: Hello world" in text
     assert "- hellaswag: 0.0100" in text
+    # the CORE table comes from base_eval's CSV of that step, inside the evaluation section
+    table = text[text.index("## Base model evaluation"):text.index("## Some extra stage")]
+    assert "| Task | Accuracy | Centered |" in table
+    assert "| hellaswag | 0.260000 | 0.013333 |" in table and "| arc_easy | 0.300000 | 0.066667 |" in table
+    assert "| **CORE** | | **0.040000** |" in table
     assert "Total wall time: " in text and "unknown" not in text
 
     # summary numbers come from the sections and from log.jsonl
