@@ -265,8 +265,8 @@ resume_loader_state = loader_resume_state
 if resuming and isinstance(resume_loader_state, dict) and "ranks" in resume_loader_state:
     resume_loader_state = resume_loader_state["ranks"][ddp_rank] if len(resume_loader_state["ranks"]) == ddp_world_size else None
 
-def save(step):
-    """Checkpoint of this step: every rank's optimizer shard and data position, rank 0's model and meta."""
+def save_current_step():
+    """Checkpoint of the current step: every rank's optimizer shard and data position, rank 0's model and meta."""
     loader_states = gather_loader_state(resume_loader_state)  # a collective under torchrun: {"ranks": [...]}
     rng = {"python": list(random.getstate()), "torch": encode_rng_state(torch.get_rng_state())}
     if device_type == "cuda":
@@ -313,7 +313,7 @@ def log_jsonl(record):
 # wandb: only rank 0, only for named runs (WANDB_MODE=offline keeps it local)
 if run != "dummy" and master_process:
     import wandb
-    wandb_run = wandb.init(project="nanochat", name=run, config=user_config)
+    wandb_run = wandb.init(project="nanochat", name=run, config=user_config, dir=os.environ.get("WANDB_DIR", base_dir))
 else:
     wandb_run = DummyWandb()
 
@@ -321,9 +321,8 @@ else:
 stop_requested = False
 def request_stop(signum, frame):
     global stop_requested
-    stop_requested = True
+    stop_requested = True  # acted on after the current step (printing here could interrupt another print)
     signal.signal(signum, signal.SIG_DFL)
-    print0(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then exiting")
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
@@ -339,9 +338,10 @@ while True:
     last_step = step == num_iterations
     flops_so_far = num_flops_per_token * total_batch_size * step
 
-    if stop_now:  # Ctrl-C / SIGTERM reached some rank before the last step's exchange: all stop here
+    if stop_now and not last_step:  # Ctrl-C / SIGTERM reached some rank during the last step: all stop here
+        print0(f"Interrupted (Ctrl-C or SIGTERM): saving step {step} and exiting")
         if step != resume_from_step:
-            save(step)
+            save_current_step()
         print0(f"Stopped at step {step}. Continue with the same command plus --resume_from_step={step}")
         interrupted = True
         break
@@ -386,7 +386,7 @@ while True:
 
     # checkpoint: at the end, and every save_every steps (not at the step we resumed from)
     if last_step or (save_every > 0 and step > 0 and step != resume_from_step and step % save_every == 0):
-        save(step)
+        save_current_step()
 
     if last_step:
         break
@@ -467,6 +467,11 @@ if device_type == "cuda":
     print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f}MiB")
 print0(f"Total training time: {format_seconds(total_training_time)}")
 print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
+# total_training_time covers steps 11 .. step-1 (the first ones include compilation and warm-up)
+mean_tok_per_sec = total_batch_size * (step - 11) / total_training_time if total_training_time > 0 else None
+mean_mfu = 100 * num_flops_per_token * mean_tok_per_sec / peak_flops if mean_tok_per_sec else mfu  # else: the last step's
+if mean_tok_per_sec:
+    print0(f"Mean throughput after warm-up: {mean_tok_per_sec:,.0f} tok/s | MFU {mean_mfu:.2f}%")
 if not interrupted:
     from nanochat.report import get_report
     get_report().log(section="Base model training", data=[
@@ -489,12 +494,11 @@ if not interrupted:
             "Final validation bpb": val_bpb,
             "Final training loss": debiased_smooth_loss if num_iterations > first_step else None,
             "CORE metric estimate": results.get("core_metric"),
-            # total_training_time covers steps 11 .. num_iterations-1 (the first ones include warm-up)
-            "Tokens per second": int(total_batch_size * (num_iterations - 11) / total_training_time) if total_training_time > 0 else None,
-            "MFU %": f"{mfu:.2f}%",
+            "Tokens per second": int(mean_tok_per_sec) if mean_tok_per_sec else None,
+            "MFU %": f"{mean_mfu:.2f}%",
             "Total training flops": f"{flops_so_far:e}",
             "Total training time": f"{total_training_time / 60:.2f}m",
-            "Peak memory usage": f"{get_max_memory() / 1024 / 1024:.2f}MiB",
+            **({"Peak memory usage": f"{get_max_memory() / 1024 / 1024:.2f}MiB"} if device_type == "cuda" else {}),
         },
     ])
 wandb_run.finish()

@@ -152,6 +152,33 @@ def test_evaluate_task_accuracy():
     assert evaluate_task(model, CharTokenizer(), data, "cpu", MC_META) == 0.75
 
 
+def _task_worker(rank, world_size, init_file, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    model = BigramModel([(" ", "p"), ("p", "q")])
+    data = [{"query": f"Q{i}", "choices": ["pq", "zz"], "gold": int(i % 3 == 0)} for i in range(7)]
+    queue.put((rank, evaluate_task(model, CharTokenizer(), data, "cpu", MC_META)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluate_task_over_two_ranks(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_task_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    # "pq" always wins; gold is "pq" for i = 1, 2, 4, 5 -> 4 of 7, whichever rank scored them
+    assert results[0] == results[1] == pytest.approx(4 / 7)
+
+
 # -----------------------------------------------------------------------------
 # cropping
 
