@@ -340,10 +340,12 @@ class Report:
         }
         summary_lines = ["## Summary", "", "| Metric | Value |", "|---|---|"]
         summary_lines += [f"| {k} | {v} |" for k, v in summary.items() if v is not None]
-        end = datetime.datetime.now()
+        # The run ends with its last section (so regenerating the report later does not stretch it).
+        now = datetime.datetime.now()
+        end = max([s[1] for s in sections if s[1] is not None], default=now)
         wall = f"{(end - start).total_seconds() / 60:.1f} minutes" if start else "unknown"
-        summary_lines += ["", f"Total wall time: {wall} (from `report reset` to `report generate`)",
-                          f"Report generated: {end.strftime(TIME_FORMAT)}", ""]
+        summary_lines += ["", f"Total wall time: {wall} (from `report reset` to the last stage's section)",
+                          f"Report generated: {now.strftime(TIME_FORMAT)}", ""]
 
         # Sections in pipeline order, the curves right after training.
         parts = [header.rstrip("\n") + "\n"]

@@ -95,6 +95,10 @@ stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" \
 stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$(printf %06d "$STEPS").csv" \
     python -m scripts.base_eval --model_tag="$MODEL_TAG" --max_per_task="$CORE_MAX_PER_TASK"
 
+# A few samples of the final model, streamed (the report holds base_loss's greedy ones).
+STAGE="samples"
+python -m scripts.sample --model_tag="$MODEL_TAG" --prompt="The capital of France is" --num_samples=3 --max_tokens=32
+
 # The report card: <base>/report.md, copied (with its plots) into the directory this was run from.
 STAGE="report"
 (cd "$CALLER_DIR" && python -m nanochat.report generate)

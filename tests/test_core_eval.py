@@ -15,7 +15,6 @@ import zipfile
 import pytest
 import torch
 
-from nanochat import core_eval
 from nanochat.core_eval import (
     centered_score, crop_left, evaluate_core, evaluate_example, evaluate_task, load_task_data,
     render_prompts_lm, render_prompts_mc, render_prompts_schema, sample_fewshot, tokenize_prompts,
