@@ -73,7 +73,7 @@ LAST_STEP=$(last_checkpoint_step)
 if [ -e "$BASE_DIR/report/base-model-training.md" ] && [ "$LAST_STEP" -ge 0 ]; then
     echo "[skip] $STAGE: finished (report section and base_checkpoints/$MODEL_TAG step $LAST_STEP exist)"
 else
-    RESUME=""
+    RESUME=""  # empty, or --resume_from_step=N (unquoted below, so empty adds no argument)
     if [ "$LAST_STEP" -ge 0 ]; then RESUME="--resume_from_step=$LAST_STEP"; fi
     echo "[run] $STAGE ${RESUME:+(resuming from step $LAST_STEP)}"
     torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- \

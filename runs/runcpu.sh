@@ -73,7 +73,7 @@ LAST_STEP=$(last_checkpoint_step)
 if [ "$LAST_STEP" -ge "$STEPS" ]; then
     echo "[skip] $STAGE: base_checkpoints/$MODEL_TAG has step $LAST_STEP"
 else
-    RESUME=""
+    RESUME=""  # empty, or --resume_from_step=N (unquoted below, so empty adds no argument)
     if [ "$LAST_STEP" -ge 0 ]; then RESUME="--resume_from_step=$LAST_STEP"; fi
     echo "[run] $STAGE ${RESUME:+(resuming from step $LAST_STEP)}"
     python -m scripts.base_train \

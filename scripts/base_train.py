@@ -28,6 +28,14 @@ from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir
                              DummyWandb, atomic_write, format_seconds)
 from nanochat.configurator import configure, batch_size_suggestions
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, list_steps
+from nanochat.tokenizer import get_tokenizer, get_token_bytes
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loader_state
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.core_eval import evaluate_core
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from nanochat import hardware
 
 # -----------------------------------------------------------------------------
 # Settings. Each can be overridden on the command line (--name=value); --help prints this block.
@@ -87,7 +95,6 @@ synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None
 get_max_memory = torch.cuda.max_memory_allocated if device_type == "cuda" else (lambda: 0)
 
 # Tokenizer: needed for the vocabulary size, bits per byte and samples
-from nanochat.tokenizer import get_tokenizer, get_token_bytes
 try:
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
@@ -100,7 +107,6 @@ except FileNotFoundError as e:
 print0(f"Vocab size: {vocab_size:,}")
 
 # Model: everything follows from depth (aspect ratio 64, head dim 128)
-from nanochat.gpt import GPT, GPTConfig
 num_layers = depth
 model_dim = depth * 64
 num_heads = max(1, (model_dim + 127) // 128)  # ceil division
@@ -176,7 +182,6 @@ if resuming:
         print0(f"warning: {k} was {was!r} in the run being resumed and is {now!r} now: the continuation will differ")
 
 # Precision and compilation, chosen per device
-from nanochat import hardware
 if dtype == "auto":
     use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16  # CUDA; CPUs with fast native bf16 (measured)
 else:
@@ -206,7 +211,6 @@ if resuming:
     del optimizer_data
 
 # Data: a training stream that can restart at an exact batch, and a fresh validation stream per eval
-from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loader_state
 loader_resume_state = meta_data["dataloader_state_dict"] if resuming else None  # holds every rank's position
 train_loader = tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="train", device=device,
                                                   resume_state_dict=loader_resume_state)
@@ -349,7 +353,6 @@ while True:
     # validation bits per byte (all ranks take part)
     if eval_every > 0 and (last_step or step % eval_every == 0):
         model.eval()
-        from nanochat.loss_eval import evaluate_bpb
         eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * ddp_world_size))
         with autocast_ctx:
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
@@ -361,7 +364,6 @@ while True:
 
     # CORE metric (all ranks take part; the uncompiled model, since shapes vary)
     if core_metric_every > 0 and (last_step or (step > 0 and step % core_metric_every == 0)):
-        from nanochat.core_eval import evaluate_core
         orig_model.eval()
         with autocast_ctx:
             results = evaluate_core(orig_model, tokenizer, device, eval_bundle_dir, max_per_task=core_metric_max_per_task)
@@ -372,7 +374,6 @@ while True:
 
     # samples from fixed prompts (rank 0 only), greedy so they are comparable across steps
     if master_process and sample_every > 0 and (last_step or (step > 0 and step % sample_every == 0)):
-        from nanochat.engine import Engine
         orig_model.eval()
         engine = Engine(orig_model, tokenizer)
         prompts = ["The capital of France is", "The chemical symbol of gold is",
@@ -473,7 +474,6 @@ mean_mfu = 100 * num_flops_per_token * mean_tok_per_sec / peak_flops if mean_tok
 if mean_tok_per_sec:
     print0(f"Mean throughput after warm-up: {mean_tok_per_sec:,.0f} tok/s | MFU {mean_mfu:.2f}%")
 if not interrupted:
-    from nanochat.report import get_report
     get_report().log(section="Base model training", data=[
         user_config,
         {
