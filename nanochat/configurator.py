@@ -174,6 +174,8 @@ def parse_args(argv, settings):
         i += 1
         if arg in ("-h", "--help"):
             return overrides, True
+        if arg == "--":
+            continue  # an end-of-options marker, e.g. from `torchrun -m scripts.base_train -- --depth=20`
         if not arg.startswith("--"):
             if arg.endswith((".py", ".yaml", ".yml", ".json")):
                 overrides.update(load_config_file(arg, settings))

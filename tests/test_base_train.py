@@ -256,11 +256,12 @@ def test_two_processes_match_one(full_run):
     torchrun --nproc_per_node=2 (gloo) with the same total batch: one micro-batch per rank instead of
     two accumulated in one process. The ranks read other documents than the single process (row
     groups are strided over ranks), so the curves agree up to data noise: the same first loss (ln V:
-    lm_head starts at zero) and within 0.15 nats per step after it.
+    lm_head starts at zero) and within 0.15 nats per step after it. Then a 2-process resume from
+    step 3 (per-rank optimizer shards and data positions) repeats steps 3-5 exactly.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "scripts.base_train", *TOY, "--model_tag=ddp"]
+           "-m", "scripts.base_train", *TOY, "--model_tag=ddp", "--save_every=3"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Distributed world size: 2" in result.stdout
@@ -273,3 +274,11 @@ def test_two_processes_match_one(full_run):
     assert two[0]["raw_loss"] == pytest.approx(one[0]["raw_loss"], abs=1e-5)
     for step in range(1, 6):
         assert abs(two[step]["raw_loss"] - one[step]["raw_loss"]) < 0.15, (step, one, two)
+
+    first_weights = torch.load(os.path.join(folder, "model_000006.pt"))
+    result = subprocess.run([*cmd, "--resume_from_step=3"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed, _ = read_log(full_run, "ddp")
+    assert [resumed[i]["raw_loss"] for i in range(6)] == [two[i]["raw_loss"] for i in range(6)]
+    resumed_weights = torch.load(os.path.join(folder, "model_000006.pt"))
+    assert all(torch.equal(first_weights[k], resumed_weights[k]) for k in first_weights)

@@ -73,6 +73,8 @@ def test_both_spellings_and_separate_values(script):
     assert parse(script, ["--dry_run", "0"]) == {"dry_run": False}
     # negative numbers are values, not flags
     assert parse(script, ["--depth", "-1"]) == {"depth": -1}
+    # a bare "--" (end of options, as launchers pass it through) is ignored
+    assert parse(script, ["--", "--depth=5"]) == {"depth": 5}
 
 
 def test_later_arguments_win(script):
