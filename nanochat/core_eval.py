@@ -278,6 +278,10 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1):
             runnable.append(task)
     for label, reason in skipped.items():
         print0(f"Skipping {label}: {reason}")
+    most_shots = max((task["task_meta"]["num_fewshot"] for task in runnable), default=0)
+    if 0 < max_per_task <= most_shots:  # few-shot examples come from the cropped examples, as in the reference
+        raise ValueError(f"max_per_task={max_per_task} is too small: some tasks are {most_shots}-shot, "
+                         f"so use --max_per_task={most_shots + 1} or more (or -1 for all examples)")
 
     results, centered, times = {}, {}, {}
     t_begin = time.time()

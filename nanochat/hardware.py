@@ -76,8 +76,9 @@ def _sync(device):
 def measure_matmul_flops(device, dtype, size=512, batch=4, seconds=0.05):
     """Achieved FLOP/s of a batched (size x size) @ (size x size) matmul, best of repeated timings."""
     device = _device_key(device)
-    a = torch.randn(batch, size, size, device=device).to(dtype)
-    b = torch.randn(batch, size, size, device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (model init) untouched
+    a = torch.randn(batch, size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(batch, size, size, device=device, generator=generator).to(dtype)
     torch.bmm(a, b)  # warm-up: kernel selection, page faults
     _sync(device)
     best = float("inf")
@@ -112,8 +113,9 @@ def bf16_matmul_speedup(device):
 
 
 def newton_schulz_dtype(device):
-    """Muon's orthogonalisation runs in bf16 (as the reference always does) only where bf16 matmuls are faster."""
-    return torch.bfloat16 if bf16_matmul_speedup(device) > 1.0 else torch.float32
+    """Muon's orthogonalisation runs in bf16 (as the reference always does) only where bf16 matmuls are clearly
+    faster; the margin keeps a borderline CPU from choosing differently from one process to the next."""
+    return torch.bfloat16 if bf16_matmul_speedup(device) >= MIN_BF16_SPEEDUP else torch.float32
 
 
 def choose_autocast_dtype(device):

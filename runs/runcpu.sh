@@ -27,10 +27,10 @@ DEPTH=${NANOCHAT_RUNCPU_DEPTH:-4}                           # 4 layers, width 25
 SEQ_LEN=${NANOCHAT_RUNCPU_SEQ_LEN:-512}
 DEVICE_BATCH=${NANOCHAT_RUNCPU_DEVICE_BATCH:-8}             # sequences per forward pass
 TOTAL_BATCH=${NANOCHAT_RUNCPU_TOTAL_BATCH:-4096}            # tokens per optimizer step
-STEPS=${NANOCHAT_RUNCPU_STEPS:-300}
+STEPS=${NANOCHAT_RUNCPU_STEPS:-800}
 EVAL_EVERY=${NANOCHAT_RUNCPU_EVAL_EVERY:-100}               # val bpb during training
 EVAL_TOKENS=${NANOCHAT_RUNCPU_EVAL_TOKENS:-32768}           # per val bpb measurement
-CORE_MAX_PER_TASK=${NANOCHAT_RUNCPU_CORE_MAX_PER_TASK:-16}  # examples per CORE task (more than the 10 few-shot ones)
+CORE_MAX_PER_TASK=${NANOCHAT_RUNCPU_CORE_MAX_PER_TASK:-24}  # examples per CORE task (more than the 10 few-shot ones)
 MODEL_TAG="d${DEPTH}"
 # Threads that wait for work sleep instead of spinning: with anything else running on the machine,
 # spinning threads made training ~3x slower here (2.1 s vs 6.1 s per step with other jobs running).

@@ -60,7 +60,11 @@ def ensure_eval_bundle():
     url = os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or _DEFAULT_EVAL_BUNDLE_URL
     if os.path.exists(url):  # a plain local path
         url = "file://" + os.path.abspath(url)
-    zip_path = download_file_with_lock(url, "eval_bundle.zip", postprocess_fn=unpack_bundle)
+    try:
+        zip_path = download_file_with_lock(url, "eval_bundle.zip", postprocess_fn=unpack_bundle)
+    except OSError as e:  # network down, 404, unreadable file:// path
+        raise RuntimeError(f"could not download the CORE eval bundle from {url} ({e}). Point NANOCHAT_EVAL_BUNDLE_URL "
+                           f"at a reachable copy (http(s):// or file://), or turn CORE off with --core_metric_every=-1") from None
     # The zip may be there from an earlier run whose unzip did not finish: unpack it now.
     with FileLock(zip_path + ".lock"):
         if not os.path.isdir(bundle_dir):
@@ -94,11 +98,21 @@ def main():
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag or None, step=None if step < 0 else step)
     model_step = meta["step"]
     model_name = f"base_model (step {model_step})"
-    bundle_dir = ensure_eval_bundle()
+    try:
+        bundle_dir = ensure_eval_bundle()
+    except RuntimeError as e:
+        print0(f"error: {e}")
+        compute_cleanup()
+        raise SystemExit(1)
     print0(f"Evaluating {model_name} on {bundle_dir}" + (f", {max_per_task} examples per task" if max_per_task > 0 else ""))
 
-    with autocast_ctx:
-        out = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=max_per_task)
+    try:
+        with autocast_ctx:
+            out = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=max_per_task)
+    except ValueError as e:
+        print0(f"error: {e}")
+        compute_cleanup()
+        raise SystemExit(1)
 
     if rank == 0:
         csv_text = format_results_csv(out)

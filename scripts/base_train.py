@@ -182,7 +182,10 @@ if resuming:
         print0(f"warning: {k} was {was!r} in the run being resumed and is {now!r} now: the continuation will differ")
 
 # Precision and compilation, chosen per device
-if dtype == "auto":
+saved_precision = meta_data["loop_state"].get("precision", {}) if resuming else {}
+if dtype == "auto" and "autocast" in saved_precision:
+    use_bf16 = saved_precision["autocast"] == "bfloat16"  # the resumed run's measured choice: exact continuation
+elif dtype == "auto":
     use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16  # CUDA; CPUs with fast native bf16 (measured)
 else:
     use_bf16 = dtype == "bfloat16"
@@ -197,6 +200,14 @@ if compile == "auto":
 else:
     use_compile = compile == "true"
 print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile} | peak FLOP/s for MFU: {peak_flops:.3e}")
+if device_type != "cuda":
+    # The defaults are sized for GPUs; say up front what they cost here (training runs near 30% MFU on CPU).
+    step_seconds = num_flops_per_token * total_batch_size / (0.3 * peak_flops)
+    if step_seconds > 10:
+        print0(f"Note: on this {device_type} one step of {total_batch_size:,} tokens takes about {step_seconds:.0f}s "
+               f"and the whole run about {format_seconds(step_seconds * num_iterations)}. For a quick look, the settings of "
+               f"runs/runcpu.sh: --max_seq_len=512 --device_batch_size=8 --total_batch_size=4096 --num_iterations=800 "
+               f"--eval_every=100 --eval_tokens=32768")
 
 orig_model = model  # uncompiled: saved, evaluated with changing shapes, sampled from
 model = torch.compile(model, dynamic=False) if use_compile else model  # inputs keep one shape while training
@@ -205,6 +216,9 @@ model = torch.compile(model, dynamic=False) if use_compile else model  # inputs 
 optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                          matrix_lr=matrix_lr, weight_decay=weight_decay)
 adamw_optimizer, muon_optimizer = optimizers
+if "newton_schulz" in saved_precision:
+    muon_optimizer.ns_dtype = getattr(torch, saved_precision["newton_schulz"])
+print0(f"Muon Newton-Schulz precision: {str(muon_optimizer.ns_dtype).removeprefix('torch.')}")
 if resuming:
     for opt, state in zip(optimizers, optimizer_data):
         opt.load_state_dict(state)
@@ -216,7 +230,10 @@ train_loader = tokenizing_distributed_data_loader(device_batch_size, max_seq_len
                                                   resume_state_dict=loader_resume_state)
 if core_metric_every > 0:  # fetch the CORE eval bundle now rather than fail hours into the run
     from scripts.base_eval import ensure_eval_bundle
-    eval_bundle_dir = ensure_eval_bundle()
+    try:
+        eval_bundle_dir = ensure_eval_bundle()
+    except RuntimeError as e:
+        fail(str(e))
 build_val_loader = lambda: tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="val", device=device)
 x, y, loader_state = next(train_loader)  # the first batch; each micro-step fetches the next one early
 
@@ -288,6 +305,8 @@ def save_current_step():
             "smooth_train_loss": smooth_train_loss,
             "total_training_time": total_training_time,
             "rng": rng,
+            "precision": {"autocast": "bfloat16" if use_bf16 else "float32",
+                          "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch.")},
         },
     }
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=ddp_rank)

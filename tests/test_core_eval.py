@@ -267,6 +267,14 @@ def test_evaluate_core_on_a_tiny_bundle(tmp_path):
     assert set(out["times"]) == set(out["results"])
 
 
+def test_max_per_task_must_leave_room_for_the_fewshot_examples(tmp_path):
+    bundle = make_bundle(str(tmp_path))
+    model = BigramModel([("p", "q")])
+    with pytest.raises(ValueError, match="--max_per_task=3 or more"):
+        evaluate_core(model, CharTokenizer(), "cpu", bundle, max_per_task=2)  # tiny_mc is 2-shot
+    assert evaluate_core(model, CharTokenizer(), "cpu", bundle, max_per_task=3)["results"]["tiny_mc"] >= 0
+
+
 # -----------------------------------------------------------------------------
 # bundle download (file:// URL) and atomic unzip
 
