@@ -20,21 +20,8 @@ export OMP_NUM_THREADS=1  # one process per GPU: keep each one's CPU threads fro
 DEPTH=20
 MODEL_TAG="d$DEPTH"
 
-STAGE="setup"
-trap 'echo "speedrun.sh: stage \"$STAGE\" failed (see the messages above). Fix it and re-run: finished stages are skipped." >&2' ERR
-BASE_DIR=$(python -c "from nanochat.common import get_base_dir; print(get_base_dir())")
+source "$REPO_ROOT/runs/stages.sh" speedrun.sh  # BASE_DIR, the failing-stage message, stage()
 echo "speedrun.sh: outputs in $BASE_DIR; $NPROC_PER_NODE processes; wandb run: $WANDB_RUN"
-
-# stage NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, so a re-run resumes where it stopped.
-stage() {
-    STAGE=$1; local output=$2; shift 2
-    if [ -e "$output" ]; then
-        echo "[skip] $STAGE: ${output#"$BASE_DIR"/} exists"
-    else
-        echo "[run] $STAGE"
-        "$@"
-    fi
-}
 
 # A new run starts a new report (system info and start time); a re-run continues the old one.
 stage "report reset" "$BASE_DIR/report/header.md" python -m nanochat.report reset

@@ -36,21 +36,8 @@ MODEL_TAG="d${DEPTH}"
 # spinning threads made training ~3x slower here (2.1 s vs 6.1 s per step with other jobs running).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-STAGE="setup"
-trap 'echo "runcpu.sh: stage \"$STAGE\" failed (see the messages above). Fix it and re-run: finished stages are skipped." >&2' ERR
-BASE_DIR=$(python -c "from nanochat.common import get_base_dir; print(get_base_dir())")
+source "$REPO_ROOT/runs/stages.sh" runcpu.sh  # BASE_DIR, the failing-stage message, stage()
 echo "runcpu.sh: outputs in $BASE_DIR"
-
-# stage NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, so a re-run resumes where it stopped.
-stage() {
-    STAGE=$1; local output=$2; shift 2
-    if [ -e "$output" ]; then
-        echo "[skip] $STAGE: ${output#"$BASE_DIR"/} exists"
-    else
-        echo "[run] $STAGE"
-        "$@"
-    fi
-}
 
 # A new run starts a new report; a re-run after a failure continues the old one.
 stage "report reset" "$BASE_DIR/report/header.md" python -m nanochat.report reset

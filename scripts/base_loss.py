@@ -30,18 +30,12 @@ SAMPLE_PROMPTS = [
 
 
 def greedy_sample(model, tokenizer, prompt, max_tokens, autocast_ctx):
-    """Prompt plus its greedy continuation, through the Engine (KV cache) when there is one."""
-    tokens = tokenizer(prompt, prepend="<|bos|>")
+    """Prompt plus its greedy continuation (the Engine decodes with a KV cache)."""
+    from nanochat.engine import Engine
     with autocast_ctx:
-        try:
-            from nanochat.engine import Engine
-        except ImportError:
-            Engine = None
-        if Engine is not None:
-            sequences, _ = Engine(model, tokenizer).generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
-            return tokenizer.decode(sequences[0])
-        generated = list(model.generate(tokens, max_tokens=max_tokens, temperature=0))
-        return tokenizer.decode(tokens + generated)
+        sequences, _ = Engine(model, tokenizer).generate_batch(tokenizer(prompt, prepend="<|bos|>"), num_samples=1,
+                                                              max_tokens=max_tokens, temperature=0)
+    return tokenizer.decode(sequences[0])
 
 
 def main():

@@ -36,6 +36,7 @@ from nanochat.core_eval import evaluate_core
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat import hardware
+from scripts.base_loss import SAMPLE_PROMPTS
 
 # -----------------------------------------------------------------------------
 # Settings. Each can be overridden on the command line (--name=value); --help prints this block.
@@ -395,10 +396,7 @@ while True:
     if master_process and sample_every > 0 and (last_step or (step > 0 and step % sample_every == 0)):
         orig_model.eval()
         engine = Engine(orig_model, tokenizer)
-        prompts = ["The capital of France is", "The chemical symbol of gold is",
-                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
-        for prompt in prompts:
+        for prompt in SAMPLE_PROMPTS:
             with autocast_ctx:
                 samples, _ = engine.generate_batch(tokenizer(prompt, prepend="<|bos|>"), num_samples=1, max_tokens=16, temperature=0)
             print0(tokenizer.decode(samples[0]))
