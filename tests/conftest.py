@@ -5,6 +5,7 @@ for download code, serve it from a local HTTP server on 127.0.0.1.
 
 import os
 import threading
+import multiprocessing as mp
 import http.server
 
 import pytest
@@ -91,3 +92,21 @@ def file_server(tmp_path):
     server = FileServer(root)
     yield server
     server.close()
+
+
+@pytest.fixture
+def run_two_ranks(tmp_path):
+    """run(worker) starts worker(rank, world_size, init_file, queue) in 2 spawned processes (gloo rendezvous
+    through init_file) and returns {rank: value}, from each worker's queue.put((rank, value))."""
+    def run(worker):
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=worker, args=(rank, 2, str(tmp_path / "init"), queue)) for rank in range(2)]
+        for p in procs:
+            p.start()
+        results = dict(queue.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        return results
+    return run

@@ -162,18 +162,8 @@ def _task_worker(rank, world_size, init_file, queue):
 
 
 @pytest.mark.slow
-def test_evaluate_task_over_two_ranks(tmp_path):
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_task_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+def test_evaluate_task_over_two_ranks(run_two_ranks):
+    results = run_two_ranks(_task_worker)
     # "pq" always wins; gold is "pq" for i = 1, 2, 4, 5 -> 4 of 7, whichever rank scored them
     assert results[0] == results[1] == pytest.approx(4 / 7)
 

@@ -4,7 +4,6 @@ special tokens, and the same number from 2 ranks as from one process.
 """
 
 import math
-import multiprocessing as mp
 import os
 
 import pytest
@@ -121,16 +120,8 @@ def _bpb_worker(rank, world_size, init_file, queue):
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_single_process_result(tmp_path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_bpb_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+def test_two_ranks_give_the_single_process_result(run_two_ranks):
+    results = run_two_ranks(_bpb_worker)
     model = tiny_gpt(uniform=False)
     single = evaluate_bpb(model, make_batches(4), 4, make_token_bytes())
     assert results[0] == pytest.approx(single, rel=1e-5) and results[1] == results[0]
