@@ -102,7 +102,7 @@ try:
     vocab_size = tokenizer.get_vocab_size()
 except FileNotFoundError as e:
     if not dry_run:
-        fail(f"{e}\n(the tokenizer is trained with `python -m scripts.tok_train`)")
+        fail(str(e))  # it names the command that trains the tokenizer
     vocab_size = 65536  # the speedrun's vocabulary, so a dry run can plan before any data exists
     print0(f"No tokenizer yet: assuming vocab_size={vocab_size:,} for this dry run")
 print0(f"Vocab size: {vocab_size:,}")
@@ -236,7 +236,12 @@ if core_metric_every > 0:  # fetch the CORE eval bundle now rather than fail hou
     except RuntimeError as e:
         fail(str(e))
 build_val_loader = lambda: tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="val", device=device)
-x, y, loader_state = next(train_loader)  # the first batch; each micro-step fetches the next one early
+try:  # missing shards: say so now, with the download command, rather than at the first evaluation
+    x, y, loader_state = next(train_loader)  # the first batch; each micro-step fetches the next one early
+    if eval_every > 0:
+        next(build_val_loader())
+except FileNotFoundError as e:
+    fail(str(e))
 
 # Schedules
 def get_lr_multiplier(it):
