@@ -1,5 +1,5 @@
 """
-Shared test fixtures. Tests never touch the network or ../shared: they generate their data and,
+Shared test fixtures. Tests never touch the network or the shared corpus: they generate their data and,
 for download code, serve it from a local HTTP server on 127.0.0.1.
 """
 
