@@ -76,7 +76,7 @@ def build_model(checkpoint_dir, step, device, phase):
     A ready model from a checkpoint: (model, tokenizer, meta_data). The model is uncompiled,
     not wrapped, on `device`, in eval or train mode by `phase`.
     """
-    from nanochat.gpt import GPT, GPTConfig  # imported here so saving/loading files needs no model code
+    from nanochat.gpt import GPTConfig, build_gpt  # imported here so saving/loading files needs no model code
     from nanochat.tokenizer import get_tokenizer
 
     if phase not in ("train", "eval"):
@@ -90,10 +90,7 @@ def build_model(checkpoint_dir, step, device, phase):
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
     model_config = GPTConfig(**meta_data["model_config"])
     print0(f"Building model with config: {meta_data['model_config']}")
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model.to_empty(device=device)
-    model.init_weights()  # fills the non-persistent buffers (rotary tables) that the state_dict lacks
+    model = build_gpt(model_config, device)  # init fills the non-persistent rotary tables the state_dict lacks
     model.load_state_dict(model_data, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
     tokenizer = get_tokenizer()

@@ -246,3 +246,12 @@ class GPT(nn.Module):
                 next_id = torch.argmax(logits, dim=-1, keepdim=True)
             ids = torch.cat((ids, next_id), dim=1)
             yield next_id.item()
+
+
+def build_gpt(config, device="cpu"):
+    """A GPT with fresh weights on `device`: shapes first on the meta device, so memory is allocated once."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

@@ -45,7 +45,7 @@ def main():
 
     import torch
     from nanochat.engine import Engine
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_gpt
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -55,10 +55,7 @@ def main():
     torch.manual_seed(seed)
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                        n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = build_gpt(config, device)
     with torch.no_grad():
         # init_weights zeroes lm_head and the output projections; randomise them so the logits
         # depend on the context and the token-equality check below means something

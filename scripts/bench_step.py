@@ -46,7 +46,7 @@ def main():
 
     import torch
     from nanochat import hardware
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_gpt
     from nanochat.muon import newton_schulz
 
     if threads > 0:
@@ -68,10 +68,7 @@ def main():
           f"fp32 {hardware.peak_flops(device, torch.float32):.3g}")
 
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = build_gpt(config, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: depth {depth}, n_embd {n_embd}, n_head {n_head}, vocab {vocab_size}, {n_params:,} params | "
           f"batch {batch_size} x seq {seq_len}")

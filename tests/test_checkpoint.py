@@ -9,7 +9,7 @@ import torch
 
 from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint,
                                          load_model, save_checkpoint)
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.tokenizer import RustBPETokenizer
 
 VOCAB = 300
@@ -28,11 +28,8 @@ def base_dir(tmp_path, monkeypatch):
 
 def tiny_model(vocab_size=VOCAB, seed=0):
     config = dict(sequence_len=32, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**config))
-    model.to_empty(device="cpu")
     torch.manual_seed(seed)
-    model.init_weights()
+    model = build_gpt(GPTConfig(**config))
     with torch.no_grad():  # init leaves lm_head/c_proj at zero: give every weight a value worth comparing
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

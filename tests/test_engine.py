@@ -125,14 +125,11 @@ def test_kv_cache_prefill_broadcasts_batch_one():
 # Engine on a small random GPT
 
 def _small_gpt(vocab_size, seed=0):
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_gpt
 
     torch.manual_seed(seed)
     config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(config)
     # init_weights zeroes the output projections (all logits equal): randomise them, with a large
     # enough scale that greedy decoding does not collapse into one repeated token.
     with torch.no_grad():

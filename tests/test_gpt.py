@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, build_gpt
 
 try:  # the real cache, if present
     from nanochat.engine import KVCache
@@ -34,11 +34,8 @@ except ImportError:  # a minimal stand-in implementing the protocol documented i
 def build(config, seed=0, randomize=True):
     """Meta-device build + init, as training does. randomize=True also fills the zero-initialised
     projections, so that every path through the network affects the logits."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
     torch.manual_seed(seed)
-    model.init_weights()
+    model = build_gpt(config)
     if randomize:
         with torch.no_grad():
             for name, p in model.named_parameters():

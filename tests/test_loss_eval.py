@@ -61,14 +61,11 @@ class UniformModel(torch.nn.Module):
 
 def tiny_gpt(uniform):
     """A 1-layer GPT, the same weights in every process; uniform=True zeroes the head (all logits 0)."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_gpt
 
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=16, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(config)
     with torch.no_grad():
         if uniform:
             model.lm_head.weight.zero_()

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat import muon as muon_module
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.muon import Muon, newton_schulz
 from nanochat.adamw import DistAdamW
 
@@ -89,11 +89,8 @@ CONFIG = GPTConfig(sequence_len=SEQ, vocab_size=96, n_layer=3, n_head=2, n_kv_he
 
 
 def make_model():
-    with torch.device("meta"):
-        model = GPT(CONFIG)
-    model.to_empty(device="cpu")
     torch.manual_seed(0)
-    model.init_weights()
+    model = build_gpt(CONFIG)
     with torch.no_grad():  # fill the zero-initialised projections so every matrix gets a gradient at step 1
         for name, p in model.named_parameters():
             if "c_proj" in name or "lm_head" in name:
