@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=1  # one process per GPU: keep each one's CPU threads fro
 DEPTH=20
 MODEL_TAG="d$DEPTH"
 
-source "$REPO_ROOT/runs/stages.sh" speedrun.sh  # BASE_DIR, the failing-stage message, stage()
+source "$REPO_ROOT/runs/stages.sh" speedrun.sh  # BASE_DIR, the failing-stage message, stage(), last_checkpoint_step()
 echo "speedrun.sh: outputs in $BASE_DIR; $NPROC_PER_NODE processes; wandb run: $WANDB_RUN"
 
 # A new run starts a new report (system info and start time); a re-run continues the old one.
@@ -46,12 +46,6 @@ if ! wait "$DOWNLOAD_PID"; then
     tail -n 20 "$BASE_DIR/download.log" >&2
     false  # fails the stage with the message above
 fi
-
-# The last step of $MODEL_TAG with a complete checkpoint, or -1 when there is none.
-last_checkpoint_step() {
-    python -c "import sys; from nanochat.checkpoint_manager import list_steps; steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" \
-        "$BASE_DIR/base_checkpoints/$MODEL_TAG"
-}
 
 # Pretraining. A finished run leaves its final checkpoint and its report section; a run stopped early
 # (Ctrl-C or SIGTERM save a checkpoint) resumes exactly where it stopped.

@@ -62,9 +62,8 @@ def compute_init(device_type="cuda", seed=42):
         raise RuntimeError("device_type is 'mps' but MPS is not available; use --device_type=cpu")
 
     # Global seed: only module init uses the global RNG; data and sampling use explicit generators.
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds every device
     if device_type == "cuda":
-        torch.cuda.manual_seed(seed)
         torch.set_float32_matmul_precision("high")  # tf32 matmuls
 
     ddp, rank, local_rank, world_size = get_dist_info()

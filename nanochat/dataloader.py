@@ -136,10 +136,6 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokeniz
         yield inputs, targets, state_dict
 
 
-# Same generator under the reference's name for the state-yielding variant.
-tokenizing_distributed_data_loader_with_state = tokenizing_distributed_data_loader
-
-
 def gather_loader_state(state_dict):
     """
     Every rank's loader state in one dict {"ranks": [state of rank 0, rank 1, ...]} for the checkpoint.

@@ -60,18 +60,6 @@ def get_data_dir():
     return data_dir
 
 
-def __getattr__(name):
-    # DATA_DIR / MAX_SHARD / BASE_URL as module attributes, read from the environment when asked for
-    # (not frozen at import time, so NANOCHAT_BASE_DIR set later, e.g. in tests, is honoured).
-    if name == "DATA_DIR":
-        return get_data_dir()
-    if name == "MAX_SHARD":
-        return get_max_shard()
-    if name == "BASE_URL":
-        return get_data_url()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def list_parquet_files(data_dir=None):
     """Full paths of all complete shards on disk, sorted by index (temporary files are ignored)."""
     data_dir = get_data_dir() if data_dir is None else data_dir

@@ -120,10 +120,7 @@ def newton_schulz_dtype(device):
 
 def choose_autocast_dtype(device):
     """torch.bfloat16 if forward/backward should run under bf16 autocast on this device, else None (plain fp32)."""
-    device = _device_key(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if bf16_matmul_speedup(device) >= MIN_BF16_SPEEDUP else None
+    return torch.bfloat16 if bf16_matmul_speedup(device) >= MIN_BF16_SPEEDUP else None  # inf on CUDA with bf16
 
 
 @functools.lru_cache(maxsize=None)

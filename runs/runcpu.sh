@@ -36,7 +36,7 @@ MODEL_TAG="d${DEPTH}"
 # spinning threads made training ~3x slower here (2.1 s vs 6.1 s per step with other jobs running).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-source "$REPO_ROOT/runs/stages.sh" runcpu.sh  # BASE_DIR, the failing-stage message, stage()
+source "$REPO_ROOT/runs/stages.sh" runcpu.sh  # BASE_DIR, the failing-stage message, stage(), last_checkpoint_step()
 echo "runcpu.sh: outputs in $BASE_DIR"
 
 # A new run starts a new report; a re-run after a failure continues the old one.
@@ -46,12 +46,6 @@ python -m nanochat.dataset -n "$SHARDS"  # skips the shards already there
 stage "tokenizer" "$BASE_DIR/tokenizer/token_bytes.pt" \
     python -m scripts.tok_train --max_chars="$TOK_MAX_CHARS" --vocab_size="$VOCAB_SIZE"
 stage "tokenizer evaluation" "$BASE_DIR/report/tokenizer-evaluation.md" python -m scripts.tok_eval
-
-# The last step of $MODEL_TAG with a complete checkpoint, or -1 when there is none.
-last_checkpoint_step() {
-    python -c "import sys; from nanochat.checkpoint_manager import list_steps; steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" \
-        "$BASE_DIR/base_checkpoints/$MODEL_TAG"
-}
 
 # Pretraining. No CORE or samples during training: the stages below do both once, at the end.
 # A run stopped early (Ctrl-C saves a checkpoint) resumes exactly where it stopped.

@@ -1,5 +1,6 @@
 # Sourced by the pipeline scripts (runs/runcpu.sh, speedrun.sh) after setup_env.sh, with the script's
-# name as argument: sets BASE_DIR, names the failing stage on error, and defines `stage`.
+# name as argument: sets BASE_DIR, names the failing stage on error, and defines `stage` and
+# `last_checkpoint_step` (which reads MODEL_TAG).
 PIPELINE_NAME=$1
 STAGE="setup"
 trap 'echo "$PIPELINE_NAME: stage \"$STAGE\" failed (see the messages above). Fix it and re-run: finished stages are skipped." >&2' ERR
@@ -14,4 +15,10 @@ stage() {
         echo "[run] $STAGE"
         "$@"
     fi
+}
+
+# The last step of $MODEL_TAG with a complete checkpoint, or -1 when there is none.
+last_checkpoint_step() {
+    python -c "import sys; from nanochat.checkpoint_manager import list_steps; steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" \
+        "$BASE_DIR/base_checkpoints/$MODEL_TAG"
 }

@@ -68,7 +68,7 @@ def main():
 
     bpb = {}
     for split in ("train", "val"):
-        loader = tokenizing_distributed_data_loader(device_batch_size, sequence_len, split, device=device)
+        loader = tokenizing_distributed_data_loader(device_batch_size, sequence_len, split, device=device, tokenizer=tokenizer)
         with autocast_ctx:
             bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {bpb[split]:.4f}")

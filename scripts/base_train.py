@@ -33,10 +33,9 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loader_state
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core
-from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat import hardware
-from scripts.base_loss import SAMPLE_PROMPTS
+from scripts.base_loss import SAMPLE_PROMPTS, greedy_sample
 
 # -----------------------------------------------------------------------------
 # Settings. Each can be overridden on the command line (--name=value); --help prints this block.
@@ -228,14 +227,16 @@ if resuming:
 # Data: a training stream that can restart at an exact batch, and a fresh validation stream per eval
 loader_resume_state = meta_data["dataloader_state_dict"] if resuming else None  # holds every rank's position
 train_loader = tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="train", device=device,
-                                                  resume_state_dict=loader_resume_state)
+                                                  resume_state_dict=loader_resume_state, tokenizer=tokenizer)
 if core_metric_every > 0:  # fetch the CORE eval bundle now rather than fail hours into the run
     from scripts.base_eval import ensure_eval_bundle
     try:
         eval_bundle_dir = ensure_eval_bundle()
     except RuntimeError as e:
         fail(str(e))
-build_val_loader = lambda: tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="val", device=device)
+build_val_loader = lambda: tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="val", device=device,
+                                                              tokenizer=tokenizer)
+eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)  # micro-batches per validation pass, on every rank
 try:  # missing shards: say so now, with the download command, rather than at the first evaluation
     x, y, loader_state = next(train_loader)  # the first batch; each micro-step fetches the next one early
     if eval_every > 0:
@@ -287,10 +288,9 @@ else:
         torch.set_rng_state(decode_rng_state(rng["torch"]))
     if rng.get("cuda") and device_type == "cuda":
         torch.cuda.set_rng_state(decode_rng_state(rng["cuda"]), device)
-# the data position a resumed run must start from: just after the last batch already trained on
-resume_loader_state = loader_resume_state
-if resuming and isinstance(resume_loader_state, dict) and "ranks" in resume_loader_state:
-    resume_loader_state = resume_loader_state["ranks"][ddp_rank] if len(resume_loader_state["ranks"]) == ddp_world_size else None
+# the data position a checkpoint records: just after the last batch trained on (set by every micro-step;
+# nothing is saved before the first step, since the step we resumed from is already on disk)
+resume_loader_state = None
 
 def save_current_step():
     """Checkpoint of the current step: every rank's optimizer shard and data position, rank 0's model and meta."""
@@ -378,7 +378,6 @@ while True:
     # validation bits per byte (all ranks take part)
     if eval_every > 0 and (last_step or step % eval_every == 0):
         model.eval()
-        eval_steps = max(1, eval_tokens // (device_batch_size * max_seq_len * ddp_world_size))
         with autocast_ctx:
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
         min_val_bpb = min(min_val_bpb, val_bpb)
@@ -400,15 +399,12 @@ while True:
     # samples from fixed prompts (rank 0 only), greedy so they are comparable across steps
     if master_process and sample_every > 0 and (last_step or (step > 0 and step % sample_every == 0)):
         orig_model.eval()
-        engine = Engine(orig_model, tokenizer)
         for prompt in SAMPLE_PROMPTS:
-            with autocast_ctx:
-                samples, _ = engine.generate_batch(tokenizer(prompt, prepend="<|bos|>"), num_samples=1, max_tokens=16, temperature=0)
-            print0(tokenizer.decode(samples[0]))
+            print0(greedy_sample(orig_model, tokenizer, prompt, 16, autocast_ctx))
         orig_model.train()
 
-    # checkpoint: at the end, and every save_every steps (not at the step we resumed from)
-    if last_step or (save_every > 0 and step > 0 and step != resume_from_step and step % save_every == 0):
+    # checkpoint: at the end, and every save_every steps (not the step we resumed from: it is on disk)
+    if step != resume_from_step and (last_step or (save_every > 0 and step > 0 and step % save_every == 0)):
         save_current_step()
 
     if last_step:

@@ -49,7 +49,7 @@ def test_download_all_with_validation_shard(http_source, base_dir):
         assert read_texts(base_dir / "base_data" / dataset.shard_filename(i)) == shard_texts(i)
     assert [i for i, _ in dataset.list_split_files("train")] == [0, 1]
     assert [i for i, _ in dataset.list_split_files("val")] == [3]
-    assert dataset.DATA_DIR == str(base_dir / "base_data")
+    assert dataset.get_data_dir() == str(base_dir / "base_data")
 
 
 def test_valid_shards_are_not_downloaded_again(http_source, base_dir):
