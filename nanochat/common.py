@@ -104,40 +104,30 @@ def fetch_url_to_file(url, path, retries=5, backoff=1.0, timeout=60, progress=No
     progress(bytes_so_far, total_or_None) is called as bytes arrive.
     Returns the number of bytes written; raises the last error after the final attempt.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    def copy_response(f):
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            total = response.headers.get("Content-Length")
+            total = int(total) if total is not None else None
+            written = 0
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                written += len(chunk)
+                if progress is not None:
+                    progress(written, total)
+        if total is not None and written != total:
+            raise IOError(f"truncated download: got {written} of {total} bytes")
+
     last_error = None
     for attempt in range(1, retries + 1):
-        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-                total = response.headers.get("Content-Length")
-                total = int(total) if total is not None else None
-                written = 0
-                while True:
-                    chunk = response.read(1 << 20)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    written += len(chunk)
-                    if progress is not None:
-                        progress(written, total)
-            if total is not None and written != total:
-                raise IOError(f"truncated download: got {written} of {total} bytes")
-            os.replace(tmp_path, path)
-            return written
-        except (urllib.error.URLError, http.client.HTTPException, IOError, OSError, ValueError) as e:
+            atomic_write(path, copy_response)  # the temporary file goes on any failure, Ctrl-C included
+            return os.path.getsize(path)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             last_error = e
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
             if isinstance(e, urllib.error.HTTPError) and e.code == 404:
                 break  # a missing file will not appear by retrying
             if attempt < retries:
                 time.sleep(backoff * 2 ** (attempt - 1))
-        except BaseException:  # interrupted (Ctrl-C, a progress callback that cancels): leave nothing behind
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
     raise last_error
 
 
