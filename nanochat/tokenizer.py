@@ -35,6 +35,14 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 # Name stored inside the pickled Encoding; the reference uses the same one, so the files match byte for byte.
 ENCODING_NAME = "rustbpe"
 
+# Assistant content parts: (opening token, closing token, mask). python_output is written by the tool at
+# inference time, not by the model, so it is never a training target.
+PART_TOKENS = {
+    "text": (None, None, 1),
+    "python": ("<|python_start|>", "<|python_end|>", 1),
+    "python_output": ("<|output_start|>", "<|output_end|>", 0),
+}
+
 TOKENIZER_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 
@@ -153,6 +161,53 @@ class RustBPETokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
+    # ---- conversations ----
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """
+        One chat conversation -> (ids, mask), two lists of the same length, cut to max_tokens.
+        mask is 1 on the tokens the model learns to write (the assistant's text, its python calls and its
+        <|assistant_end|>) and 0 on what it is given (bos, user turns, <|assistant_start|>, tool output).
+        """
+        special = self.encode_special
+        ids, mask = [self.get_bos_token_id()], [0]
+
+        def add(token_ids, supervised):
+            ids.extend(token_ids)
+            mask.extend([supervised] * len(token_ids))
+
+        for message in chat_messages(conversation):
+            content = message["content"]
+            if message["role"] == "user":
+                add([special("<|user_start|>"), *self.encode(content), special("<|user_end|>")], 0)
+                continue
+            add([special("<|assistant_start|>")], 0)
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                start, end, supervised = PART_TOKENS[part["type"]]
+                wrapped = ([special(start)] if start else []) + self.encode(part["text"]) + ([special(end)] if end else [])
+                add(wrapped, supervised)
+            add([special("<|assistant_end|>")], 1)
+        # the cut keeps memory bounded for a few very long conversations (the reference does the same)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """
+        The prompt for the assistant's next turn: the conversation without its last assistant message (if it
+        ends with one), then <|assistant_start|>. Not truncated, unlike render_conversation: cutting the end
+        would drop the very question being asked, so callers with a context limit decide what to drop.
+        """
+        messages = conversation.get("messages") if isinstance(conversation, dict) else None
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            conversation = {**conversation, "messages": messages[:-1]}
+        ids, _ = self.render_conversation(conversation, max_tokens=None)
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+    def visualize_tokenization(self, ids, mask):
+        """Debug view of a rendered conversation: supervised tokens green, the rest red, '|' between tokens."""
+        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
+        return "|".join(f"{green if m else red}{self.decode([i])}{reset}" for i, m in zip(ids, mask))
+
     # ---- saving ----
 
     def save(self, tokenizer_dir):
@@ -164,6 +219,48 @@ class RustBPETokenizer:
         token_bytes = torch.tensor(self.token_byte_lengths(), dtype=torch.int32)
         atomic_write(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
         return pkl_path
+
+
+def chat_messages(conversation):
+    """
+    The messages of {"messages": [...]} checked and ready to render: a leading system message is merged into
+    the first user message (the tokenizer has no system role), then turns go user, assistant, user, ...
+    Raises ValueError naming the first bad message (its index in the original list). Does not mutate input.
+    """
+    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+        raise ValueError(f'a conversation is a dict {{"messages": [...]}}, got {type(conversation).__name__}')
+    messages = conversation["messages"]
+    if not messages:
+        raise ValueError("conversation has no messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r:.200}")
+    offset = 0  # how many original messages precede messages[0] after the merge
+    if messages[0]["role"] == "system":
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            raise ValueError("message 0 is a system message, so message 1 must be from the user")
+        if not isinstance(messages[0]["content"], str):
+            raise ValueError("message 0 (system) content must be a string")
+        if not isinstance(messages[1]["content"], str):
+            raise ValueError("message 1 (user) content must be a string")
+        merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        messages, offset = [merged] + list(messages[2:]), 1
+    for i, message in enumerate(messages):
+        where = f"message {i + offset}"
+        expected = "user" if i % 2 == 0 else "assistant"
+        role, content = message["role"], message["content"]
+        if role != expected:
+            raise ValueError(f"{where} is from {role!r} but should be from {expected!r} (turns alternate user, assistant, ...)")
+        if role == "user" and not isinstance(content, str):
+            raise ValueError(f"{where} (user) content must be a string, got {type(content).__name__}")
+        if role == "assistant" and not isinstance(content, (str, list)):
+            raise ValueError(f"{where} (assistant) content must be a string or a list of parts, got {type(content).__name__}")
+        if role == "assistant" and isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in PART_TOKENS or not isinstance(part.get("text"), str):
+                    raise ValueError(f"{where} (assistant) part {j} must be {{'type': one of {list(PART_TOKENS)}, "
+                                     f"'text': str}}, got {part!r:.200}")
+    return messages
 
 
 def get_tokenizer_dir():
