@@ -14,7 +14,7 @@ normally a multiple of the world size.
 import torch
 import torch.distributed as dist
 
-from nanochat.muon import start_reduce_scatter_sum, start_all_gather
+from nanochat.collectives import start_reduce_scatter_sum, start_all_gather
 
 
 class DistAdamW(torch.optim.Optimizer):

@@ -23,12 +23,16 @@ import csv
 import json
 import os
 import random
+import shutil
+import tempfile
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 
-from nanochat.common import format_seconds, print0
+from nanochat.common import download_file_with_lock, format_seconds, get_base_dir, print0
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -302,3 +306,61 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1):
         )
     core_metric = sum(centered.values()) / len(centered) if centered else float("nan")
     return {"results": results, "centered_results": centered, "core_metric": core_metric, "times": times, "skipped": skipped}
+
+
+# -----------------------------------------------------------------------------
+# The eval bundle (~160 MB): downloaded once to <base>/eval_bundle from NANOCHAT_EVAL_BUNDLE_URL
+# (http(s)://, file:// or a local path) or, by default, from the reference's public bucket.
+
+_DEFAULT_EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+def unpack_bundle(zip_path):
+    """
+    Unzip into a temporary folder next to the destination, then rename it into place, so that
+    <base>/eval_bundle either does not exist or is complete (an interrupted unzip leaves no half bundle).
+    """
+    base_dir = get_base_dir()
+    bundle_dir = os.path.join(base_dir, "eval_bundle")
+    tmp_dir = tempfile.mkdtemp(dir=base_dir, prefix="eval_bundle.", suffix=".tmp")
+    try:
+        with zipfile.ZipFile(zip_path, "r") as zf:
+            zf.extractall(tmp_dir)
+        # The published zip holds a top-level eval_bundle/ folder; accept a zip of its contents too.
+        candidates = [os.path.join(tmp_dir, "eval_bundle"), tmp_dir]
+        unpacked = next((c for c in candidates if os.path.exists(os.path.join(c, "core.yaml"))), None)
+        if unpacked is None:
+            raise ValueError(f"{zip_path} has no core.yaml (at its root or under eval_bundle/): not an eval bundle")
+        os.rename(unpacked, bundle_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    print0(f"Unpacked the eval bundle to {bundle_dir}")
+
+
+def ensure_eval_bundle():
+    """Path of the unpacked eval bundle, downloading and unpacking it first if needed (once across ranks)."""
+    bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
+    if os.path.isdir(bundle_dir):
+        return bundle_dir
+    url = os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or _DEFAULT_EVAL_BUNDLE_URL
+    if os.path.exists(url):  # a plain local path
+        url = "file://" + os.path.abspath(url)
+    try:
+        zip_path = download_file_with_lock(url, "eval_bundle.zip", postprocess_fn=unpack_bundle)
+    except OSError as e:  # network down, 404, unreadable file:// path
+        raise RuntimeError(f"could not download the CORE eval bundle from {url} ({e}). Point NANOCHAT_EVAL_BUNDLE_URL "
+                           f"at a reachable copy (http(s):// or file://), or turn CORE off with --core_metric_every=-1") from None
+    # The zip may be there from an earlier run whose unzip did not finish: unpack it now.
+    with FileLock(zip_path + ".lock"):
+        if not os.path.isdir(bundle_dir):
+            unpack_bundle(zip_path)
+    return bundle_dir
+
+
+def format_results_csv(out):
+    """The reference's CSV layout: padded Task, Accuracy, Centered columns, then the CORE line."""
+    lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
+    for label, accuracy in out["results"].items():
+        lines.append(f"{label:<35}, {accuracy:<10.6f}, {out['centered_results'][label]:<10.6f}")
+    lines.append(f"{'CORE':<35}, {'':<10}, {out['core_metric']:<10.6f}")
+    return "\n".join(lines) + "\n"

@@ -226,3 +226,24 @@ class Engine:
             if all(done):
                 break
         return results, masks
+
+
+# -----------------------------------------------------------------------------
+# Fixed prompts whose greedy continuations show training progress (base_train and base_loss print them)
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def greedy_sample(model, tokenizer, prompt, max_tokens, autocast_ctx):
+    """Prompt plus its greedy continuation (the Engine decodes with a KV cache)."""
+    with autocast_ctx:
+        sequences, _ = Engine(model, tokenizer).generate_batch(tokenizer(prompt, prepend="<|bos|>"), num_samples=1,
+                                                              max_tokens=max_tokens, temperature=0)
+    return tokenizer.decode(sequences[0])

@@ -32,10 +32,10 @@ from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loader_state
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.core_eval import evaluate_core
+from nanochat.core_eval import evaluate_core, ensure_eval_bundle
+from nanochat.engine import SAMPLE_PROMPTS, greedy_sample
 from nanochat.report import get_report
 from nanochat import hardware
-from scripts.base_loss import SAMPLE_PROMPTS, greedy_sample
 
 # -----------------------------------------------------------------------------
 # Settings. Each can be overridden on the command line (--name=value); --help prints this block.
@@ -229,7 +229,6 @@ loader_resume_state = meta_data["dataloader_state_dict"] if resuming else None  
 train_loader = tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="train", device=device,
                                                   resume_state_dict=loader_resume_state, tokenizer=tokenizer)
 if core_metric_every > 0:  # fetch the CORE eval bundle now rather than fail hours into the run
-    from scripts.base_eval import ensure_eval_bundle
     try:
         eval_bundle_dir = ensure_eval_bundle()
     except RuntimeError as e:
@@ -290,11 +289,11 @@ else:
         torch.cuda.set_rng_state(decode_rng_state(rng["cuda"]), device)
 # the data position a checkpoint records: just after the last batch trained on (set by every micro-step;
 # nothing is saved before the first step, since the step we resumed from is already on disk)
-resume_loader_state = None
+consumed_loader_state = None
 
 def save_current_step():
     """Checkpoint of the current step: every rank's optimizer shard and data position, rank 0's model and meta."""
-    loader_states = gather_loader_state(resume_loader_state)  # a collective under torchrun: {"ranks": [...]}
+    loader_states = gather_loader_state(consumed_loader_state)  # a collective under torchrun: {"ranks": [...]}
     rng = {"python": list(random.getstate()), "torch": encode_rng_state(torch.get_rng_state())}
     if device_type == "cuda":
         rng["cuda"] = encode_rng_state(torch.cuda.get_rng_state(device))
@@ -419,7 +418,7 @@ while True:
             loss = model(x, y)
         loss_sum += loss.detach()
         (loss / grad_accum_steps).backward()  # .backward() sums gradients: average them instead
-        resume_loader_state = loader_state  # the batch in hand is consumed; a resume starts after it
+        consumed_loader_state = loader_state  # the batch in hand is consumed; a resume starts after it
         x, y, loader_state = next(train_loader)  # fetch the next batch while the device works
     # one small exchange tells every rank the mean loss, whether any rank saw inf/nan, or was told to stop
     step_flags = torch.stack([loss_sum / grad_accum_steps, (~torch.isfinite(loss_sum)).float(),
@@ -433,12 +432,10 @@ while True:
         saved = list_steps(checkpoint_dir)
         last_good = (f"The last good checkpoint is step {saved[-1]} in {checkpoint_dir} (continue with --resume_from_step={saved[-1]})"
                      if saved else "No checkpoint was saved before it")
-        print0(f"error: the training loss became nan/inf at step {step}; stopped before updating the weights. "
-               f"{last_good}; a lower learning rate or --grad_clip may help.")
         if master_process:
             log_file.close()
-        compute_cleanup()
-        raise SystemExit(1)
+        fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights. "
+             f"{last_good}; a lower learning rate or --grad_clip may help.")
     grad_norm = None
     if grad_clip > 0.0:
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), grad_clip).item()

@@ -13,6 +13,17 @@ import glob
 import os
 from contextlib import nullcontext
 
+import torch
+
+from nanochat import hardware
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import autodetect_device_type, compute_init, compute_cleanup, get_base_dir
+from nanochat.configurator import configure
+from nanochat.engine import Engine
+
+# -----------------------------------------------------------------------------
+# Settings (--name=value on the command line; --help prints this block)
+
 # What to generate
 prompt = "The capital of France is"  # text the samples continue (a <|bos|> token is put in front)
 num_samples = 1  # samples decoded in parallel from the same prompt
@@ -26,8 +37,8 @@ step = -1  # checkpoint step (-1 = the last one saved)
 # Runtime
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
 dtype = "auto"  # auto|float32|bfloat16: auto uses bf16 autocast where it was measured to be faster
-
-TRAIN_COMMAND = "python -m scripts.base_train --depth=4 --device_type=cpu"
+configure(globals(), __file__)
+# -----------------------------------------------------------------------------
 
 
 class TextStream:
@@ -50,66 +61,53 @@ class TextStream:
         print(self.tokenizer.decode(self.tokens)[self.printed:], flush=True)
 
 
-def main():
-    from nanochat.configurator import configure
-    configure(globals(), __file__)
+device_kind = device_type or autodetect_device_type()
+_, _, _, _, device = compute_init(device_kind)
+checkpoints_dir = os.path.join(get_base_dir(), "base_checkpoints")
+if not glob.glob(os.path.join(checkpoints_dir, "*", "model_*.pt")):
+    raise SystemExit(f"No base model checkpoint in {checkpoints_dir}. Train one first, e.g.:\n"
+                     "  python -m scripts.base_train --depth=4 --device_type=cpu")
+try:
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
+                                        step=None if step < 0 else step)
+except FileNotFoundError as e:  # e.g. a --model_tag or --step that does not exist; no tokenizer
+    raise SystemExit(str(e)) from None
 
-    import torch
-    from nanochat import hardware
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.common import autodetect_device_type, compute_init, compute_cleanup, get_base_dir
-    from nanochat.engine import Engine
+if dtype == "auto":
+    use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16
+elif dtype in ("float32", "bfloat16"):
+    use_bf16 = dtype == "bfloat16"
+else:
+    raise SystemExit(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+autocast_ctx = torch.amp.autocast(device_type=device_kind, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    device_kind = device_type or autodetect_device_type()
-    _, _, _, _, device = compute_init(device_kind)
-    checkpoints_dir = os.path.join(get_base_dir(), "base_checkpoints")
-    if not glob.glob(os.path.join(checkpoints_dir, "*", "model_*.pt")):
-        raise SystemExit(f"No base model checkpoint in {checkpoints_dir}. Train one first, e.g.:\n  {TRAIN_COMMAND}")
-    try:
-        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
-                                            step=None if step < 0 else step)
-    except FileNotFoundError as e:  # e.g. a --model_tag or --step that does not exist; no tokenizer
-        raise SystemExit(str(e)) from None
+print(f"Model {meta.get('model_config')} at step {meta.get('step')}, {'bf16' if use_bf16 else 'fp32'} on {device}")
+bos = tokenizer.get_bos_token_id()
+row_enders = {bos, tokenizer.encode_special("<|assistant_end|>")}
+prompt_tokens = tokenizer(prompt, prepend=bos)
 
-    if dtype == "auto":
-        use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16
-    elif dtype in ("float32", "bfloat16"):
-        use_bf16 = dtype == "bfloat16"
-    else:
-        raise SystemExit(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    autocast_ctx = torch.amp.autocast(device_type=device_kind, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    print(f"Model {meta.get('model_config')} at step {meta.get('step')}, {'bf16' if use_bf16 else 'fp32'} on {device}")
-    bos = tokenizer.get_bos_token_id()
-    row_enders = {bos, tokenizer.encode_special("<|assistant_end|>")}
-    prompt_tokens = tokenizer(prompt, prepend=bos)
-
-    engine = Engine(model, tokenizer)
-    samples = [[] for _ in range(num_samples)]
-    done = [False] * num_samples
-    live = TextStream(tokenizer)
-    if num_samples > 1:
-        print(f"--- sample 1/{num_samples} ---")
-    print(prompt, end="", flush=True)
-    with autocast_ctx:
-        stream = engine.generate(prompt_tokens, num_samples=num_samples, max_tokens=max_tokens,
-                                 temperature=temperature, top_k=top_k or None, seed=seed)
-        for token_column, _ in stream:
-            for i, token in enumerate(token_column):
-                if done[i]:
-                    continue
-                if token in row_enders:
-                    done[i] = True
-                    continue
-                samples[i].append(token)
-                if i == 0:
-                    live.add(token)
-    live.finish()
-    for i in range(1, num_samples):
-        print(f"--- sample {i + 1}/{num_samples} ---")
-        print(prompt + tokenizer.decode(samples[i]))
-    compute_cleanup()
-
-
-if __name__ == "__main__":
-    main()
+engine = Engine(model, tokenizer)
+samples = [[] for _ in range(num_samples)]
+done = [False] * num_samples
+live = TextStream(tokenizer)
+if num_samples > 1:
+    print(f"--- sample 1/{num_samples} ---")
+print(prompt, end="", flush=True)
+with autocast_ctx:
+    stream = engine.generate(prompt_tokens, num_samples=num_samples, max_tokens=max_tokens,
+                             temperature=temperature, top_k=top_k or None, seed=seed)
+    for token_column, _ in stream:
+        for i, token in enumerate(token_column):
+            if done[i]:
+                continue
+            if token in row_enders:
+                done[i] = True
+                continue
+            samples[i].append(token)
+            if i == 0:
+                live.add(token)
+live.finish()
+for i in range(1, num_samples):
+    print(f"--- sample {i + 1}/{num_samples} ---")
+    print(prompt + tokenizer.decode(samples[i]))
+compute_cleanup()

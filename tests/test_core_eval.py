@@ -271,7 +271,7 @@ def test_max_per_task_must_leave_room_for_the_fewshot_examples(tmp_path):
 
 
 def test_bundle_download_and_atomic_unzip(tmp_path, monkeypatch):
-    from scripts import base_eval
+    from nanochat import core_eval as base_eval
 
     src = make_bundle(str(tmp_path / "src"))
     zip_path = str(tmp_path / "eval_bundle.zip")
@@ -305,7 +305,7 @@ def test_bundle_download_and_atomic_unzip(tmp_path, monkeypatch):
 
 
 def test_results_csv_layout():
-    from scripts.base_eval import format_results_csv
+    from nanochat.core_eval import format_results_csv
 
     out = {"results": {"copa": 0.5}, "centered_results": {"copa": 0.0}, "core_metric": 0.0}
     lines = format_results_csv(out).splitlines()

@@ -10,6 +10,7 @@ import torch
 
 from nanochat.calculator import use_calculator
 from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.gpt import GPTConfig, build_gpt
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -125,8 +126,6 @@ def test_kv_cache_prefill_broadcasts_batch_one():
 # Engine on a small random GPT
 
 def _small_gpt(vocab_size, seed=0):
-    from nanochat.gpt import GPTConfig, build_gpt
-
     torch.manual_seed(seed)
     config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     model = build_gpt(config)
@@ -143,7 +142,6 @@ def _small_gpt(vocab_size, seed=0):
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    pytest.importorskip("nanochat.gpt")
     tokenizer = CharTokenizer()
     # the model's vocabulary is the characters only: it can never emit a special token, so these
     # tests check decoding itself; the tool and stop logic is tested with a scripted model below
@@ -173,8 +171,8 @@ def test_engine_greedy_matches_full_forward(model_and_tokenizer):
     expected = _naive_decode(model, prompt, 40)
     assert len(set(expected)) > 5  # a meaningful sequence, not one token repeated
     assert _columns(Engine(model, tokenizer), prompt, max_tokens=40, temperature=0.0) == [expected]
-    if hasattr(model, "generate"):  # the model's own no-cache generator agrees too
-        assert list(model.generate(prompt, max_tokens=40, temperature=0.0)) == expected
+    # the model's own no-cache generator agrees too
+    assert list(model.generate(prompt, max_tokens=40, temperature=0.0)) == expected
 
 
 def test_engine_sampling_matches_full_forward(model_and_tokenizer):

@@ -9,26 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanochat.engine import KVCache
 from nanochat.gpt import GPTConfig, build_gpt
-
-try:  # the real cache, if present
-    from nanochat.engine import KVCache
-except ImportError:  # a minimal stand-in implementing the protocol documented in gpt.py
-    class KVCache:
-        def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
-            self.num_layers, self.pos = num_layers, 0
-            self.k, self.v = [None] * num_layers, [None] * num_layers
-
-        def get_pos(self):
-            return self.pos
-
-        def insert_kv(self, layer_idx, k, v):
-            prev_k, prev_v = self.k[layer_idx], self.v[layer_idx]
-            self.k[layer_idx] = k if prev_k is None else torch.cat([prev_k, k], dim=2)
-            self.v[layer_idx] = v if prev_v is None else torch.cat([prev_v, v], dim=2)
-            if layer_idx == self.num_layers - 1:
-                self.pos += k.size(2)
-            return self.k[layer_idx], self.v[layer_idx]
 
 
 def build(config, seed=0, randomize=True):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanochat import muon as muon_module
+from nanochat import collectives
 from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.muon import Muon, newton_schulz
 from nanochat.adamw import DistAdamW
@@ -136,7 +136,7 @@ def dist_worker(rank, store_path, out_path):
         per_rank = BATCH // WORLD_SIZE
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         results = {"native": train(make_model(), make_batches(), rows)}
-        muon_module._native_reduce_scatter = False  # the all_reduce + slice fallback for backends without reduce_scatter
+        collectives._native_reduce_scatter = False  # the all_reduce + slice fallback for backends without reduce_scatter
         results["fallback"] = train(make_model(), make_batches(), rows)
         results["odd"] = odd_shape_adamw_step(rank, WORLD_SIZE)
         if rank == 0:

@@ -3,9 +3,9 @@ Time one training step of a small GPT, split into forward+backward and optimizer
 precision choice, against the fp32 baseline measured in the same run (interleaved, so machine load
 hits every variant alike). Prints the choices nanochat.hardware makes on this device.
 
-    python -m scripts.bench_step                         # depth 4, seq 512, batch 8, vocab 8192, CPU
-    python -m scripts.bench_step --threads=1 --repeats=5 # one thread: steadier on a busy machine
-    python -m scripts.bench_step --compile=true          # also torch.compile: compile time vs steady state
+    python -m dev.bench_step                         # depth 4, seq 512, batch 8, vocab 8192, CPU
+    python -m dev.bench_step --threads=1 --repeats=5 # one thread: steadier on a busy machine
+    python -m dev.bench_step --compile=true          # also torch.compile: compile time vs steady state
 
 Wall time is the median over repeats. CPU time (process time, all threads) is shown too: with
 --threads=1 it hardly depends on other processes sharing the machine; with several threads it is

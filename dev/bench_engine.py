@@ -2,8 +2,8 @@
 Decode speed of the Engine (KV cache) against the model's naive generate (full forward per token),
 measured in the same process on a random-init model, for several generation lengths.
 
-    python -m scripts.bench_engine
-    python -m scripts.bench_engine --lengths=64,128,256,512 --repeats=1
+    python -m dev.bench_engine
+    python -m dev.bench_engine --lengths=64,128,256,512 --repeats=1
 
 The naive generator recomputes the whole prefix for every token (O(T^2) per sequence), the Engine
 only the new token (O(T)), so the speedup should grow with the number of new tokens.

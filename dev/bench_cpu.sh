@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # CPU training benchmark: our scripts.base_train against the reference nanochat (karpathy/nanochat
-# f37d45c, unpacked at REF_DIR) on the same data, tokenizer and settings:
+# f37d45c, a checkout given as REF_DIR) on the same data, tokenizer and settings:
 #   depth 4, seq 512, device_batch_size 8, total batch 4096 tokens, vocab 8192, STEPS steps.
 # Prints steady-state tok/s (mean step time after the first WARMUP steps, so compilation and warm-up
 # are excluded), wall time of the whole run, and the final val bpb of each, then the ratio.
 #
-#   bash runs/bench_cpu.sh                  # 50 steps
-#   STEPS=20 bash runs/bench_cpu.sh         # quicker look
-#   EXTRA="--dtype=float32" bash runs/bench_cpu.sh   # extra settings for our run only
-#   AB_STEPS=0 bash runs/bench_cpu.sh       # skip the in-process A/B at the end
+#   bash dev/bench_cpu.sh /path/to/reference          # 50 steps (or REF_DIR=/path/to/reference)
+#   STEPS=20 bash dev/bench_cpu.sh REF_DIR            # quicker look
+#   EXTRA="--dtype=float32" bash dev/bench_cpu.sh REF_DIR   # extra settings for our run only
+#   AB_STEPS=0 bash dev/bench_cpu.sh REF_DIR          # skip the in-process A/B at the end
 #
 # On a shared machine the two sequential runs see different background load; the last part (an
 # in-process A/B of the two training steps, interleaved step by step) gives a ratio that load hits alike.
 #
-# Data: the shared corpus (../shared/data/corpus) unless NANOCHAT_DATA_URL says otherwise.
+# Data: wherever NANOCHAT_DATA_URL points (a file:// copy of the shards avoids the download).
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO_ROOT"
-REF_DIR="${REF_DIR:-/work/ref}"
+REF_DIR="${1:-${REF_DIR:-}}"
+if [ -z "$REF_DIR" ] || [ ! -f "$REF_DIR/scripts/base_train.py" ]; then
+    echo "usage: bash dev/bench_cpu.sh REF_DIR (or REF_DIR=... bash dev/bench_cpu.sh): a checkout of the" >&2
+    echo "reference nanochat (karpathy/nanochat at f37d45c); got '${REF_DIR}', which has no scripts/base_train.py" >&2
+    exit 1
+fi
+REF_DIR="$(cd "$REF_DIR" && pwd)"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"
 EVAL_TOKENS="${EVAL_TOKENS:-65536}"  # 16 micro-batches of validation text
@@ -25,7 +31,6 @@ EXTRA="${EXTRA:-}"
 PY="$REPO_ROOT/.venv/bin/python"
 OUT="$REPO_ROOT/out/bench_cpu_logs"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$REPO_ROOT/out/bench_cpu}"
-export NANOCHAT_DATA_URL="${NANOCHAT_DATA_URL:-file://$(cd "$REPO_ROOT/../shared/data/corpus" && pwd)}"
 export NANOCHAT_DATA_MAX_SHARD="${NANOCHAT_DATA_MAX_SHARD:-10}"
 mkdir -p "$OUT"
 
@@ -98,7 +103,7 @@ REF_DIR="$REF_DIR" AB_STEPS="$AB_STEPS" "$PY" - <<'EOF'
 matmuls) against ours (as chosen by our base_train), interleaved step by step so machine load hits both alike."""
 import importlib.util, os, sys, time, statistics
 import torch
-REF = os.environ.get("REF_DIR", "/work/ref")
+REF = os.environ["REF_DIR"]
 
 def load_ref(name):
     # the reference's module under another name; its `from nanochat.x import` lines resolve to ref_x modules
