@@ -124,27 +124,48 @@ def fetch_url_to_file(url, path, retries=5, backoff=1.0, timeout=60, progress=No
             return os.path.getsize(path)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             last_error = e
-            if isinstance(e, urllib.error.HTTPError) and e.code == 404:
+            if is_not_found(e):
                 break  # a missing file will not appear by retrying
             if attempt < retries:
                 time.sleep(backoff * 2 ** (attempt - 1))
     raise last_error
 
 
+def is_not_found(error):
+    """True when fetch_url_to_file failed because the source has no such file (HTTP 404, missing file:// path)."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code == 404
+    return isinstance(error, urllib.error.URLError) and isinstance(error.reason, FileNotFoundError)
+
+
+def print_download_progress(label, every_s=5.0):
+    """A progress callback for fetch_url_to_file that prints 'label: x of y MB' at most every every_s seconds."""
+    last_print = time.time()
+
+    def progress(done, total):
+        nonlocal last_print
+        if time.time() - last_print >= every_s:
+            last_print = time.time()
+            of_total = f" of {total / 1e6:.1f}" if total else ""
+            print(f"  {label}: {done / 1e6:.1f}{of_total} MB", file=sys.stderr, flush=True)
+    return progress
+
+
 def download_file_with_lock(url, filename, postprocess_fn=None):
     """
-    Download url to <base_dir>/filename once: the first process takes a file lock and
-    downloads, the others wait on the lock and then find the file there.
+    Download url to <base_dir>/filename once (filename may contain folders): the first process takes
+    a file lock and downloads, the others wait on the lock and then find the file there.
     postprocess_fn(path) runs once, under the lock, after a fresh download.
     """
     file_path = os.path.join(get_base_dir(), filename)
     if os.path.exists(file_path):
         return file_path
+    os.makedirs(os.path.dirname(file_path), exist_ok=True)
     with FileLock(file_path + ".lock"):
         if os.path.exists(file_path):
             return file_path
         print(f"Downloading {url} ...", file=sys.stderr)
-        nbytes = fetch_url_to_file(url, file_path)
+        nbytes = fetch_url_to_file(url, file_path, progress=print_download_progress(os.path.basename(filename)))
         print(f"Downloaded {nbytes / 1e6:.1f} MB to {file_path}", file=sys.stderr)
         if postprocess_fn is not None:
             postprocess_fn(file_path)
