@@ -5,15 +5,18 @@ On disk a tokenizer is a folder holding
   tokenizer.pkl    a pickled tiktoken.Encoding (the same file the reference nanochat writes and reads)
   token_bytes.pt   int32 tensor (vocab_size,): how many UTF-8 bytes each token id stands for, 0 for
                    special tokens; used to turn a loss into bits per byte, independent of vocab size.
+  manifest.json    size and CRC-32 of the two files above, checked when they are loaded (a folder
+                   without it, e.g. from the reference, loads unchecked)
 """
 
+import json
 import os
 import pickle
 
-import rustbpe
 import tiktoken
 
 from nanochat.common import get_base_dir, atomic_write
+from nanochat.integrity import DamagedFileError, verify_file, write_recorded
 
 # Appended after the merges, in this order, so <|bos|> gets id vocab_size - 9.
 SPECIAL_TOKENS = [
@@ -45,6 +48,10 @@ PART_TOKENS = {
 
 TOKENIZER_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
+MANIFEST_FILE = "manifest.json"
+# what rebuilds a damaged tokenizer file
+REBUILD_HINT = ("Rebuild the tokenizer with the command that made it (`python -m scripts.tok_train` with the same "
+                "--max_chars and --vocab_size gives the same tokenizer on the same data), or restore the folder from a copy.")
 
 
 class RustBPETokenizer:
@@ -60,6 +67,7 @@ class RustBPETokenizer:
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size):
         """Learn vocab_size - len(SPECIAL_TOKENS) byte-level merges from an iterator of strings."""
+        import rustbpe  # only training needs it; loading a trained tokenizer does not
         num_ranks = vocab_size - len(SPECIAL_TOKENS)
         if num_ranks < 256:
             raise ValueError(f"vocab_size={vocab_size} leaves {num_ranks} ids for bytes+merges after the "
@@ -89,8 +97,18 @@ class RustBPETokenizer:
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
-        with open(path, "rb") as f:
-            enc = pickle.load(f)
+        records = read_manifest(tokenizer_dir)
+        if TOKENIZER_FILE in records:
+            verify_file(path, records[TOKENIZER_FILE], REBUILD_HINT)
+        try:
+            with open(path, "rb") as f:
+                enc = pickle.load(f)
+        except ImportError:
+            raise  # a missing package is not a damaged file
+        except Exception as e:  # unpickling damaged bytes can fail in many ways: all of them mean the same here
+            raise DamagedFileError(path, f"it cannot be unpickled ({type(e).__name__}: {e})", REBUILD_HINT) from None
+        if not isinstance(enc, tiktoken.Encoding):
+            raise DamagedFileError(path, f"it holds a {type(enc).__name__}, not a tiktoken.Encoding", REBUILD_HINT)
         return cls(enc, "<|bos|>")
 
     @classmethod
@@ -211,14 +229,31 @@ class RustBPETokenizer:
     # ---- saving ----
 
     def save(self, tokenizer_dir):
-        """Write tokenizer.pkl and token_bytes.pt into tokenizer_dir, each atomically."""
+        """Write tokenizer.pkl, token_bytes.pt and, last, their manifest into tokenizer_dir, each atomically."""
         import torch
         os.makedirs(tokenizer_dir, exist_ok=True)
         pkl_path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
-        atomic_write(pkl_path, lambda f: pickle.dump(self.enc, f))
+        records = {TOKENIZER_FILE: write_recorded(pkl_path, lambda f: pickle.dump(self.enc, f))}
         token_bytes = torch.tensor(self.token_byte_lengths(), dtype=torch.int32)
-        atomic_write(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
+        records[TOKEN_BYTES_FILE] = write_recorded(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
+        atomic_write(os.path.join(tokenizer_dir, MANIFEST_FILE), lambda f: json.dump(records, f, indent=2), mode="w")
         return pkl_path
+
+
+def read_manifest(tokenizer_dir):
+    """{file name: {"size", "crc32"}} written by save(), or {} for a folder saved without one."""
+    path = os.path.join(tokenizer_dir, MANIFEST_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+        if all(isinstance(r, dict) and {"size", "crc32"} <= r.keys() for r in records.values()):
+            return records
+        problem = "it does not hold a record (size, crc32) per file"
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        problem = f"it is not valid JSON ({e})"
+    raise DamagedFileError(path, problem, REBUILD_HINT)
 
 
 def chat_messages(conversation):
@@ -277,5 +312,15 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no token byte counts at {path}: train a tokenizer with `python -m scripts.tok_train`")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device)
+    records = read_manifest(get_tokenizer_dir())
+    if TOKEN_BYTES_FILE in records:
+        verify_file(path, records[TOKEN_BYTES_FILE], REBUILD_HINT)
+    try:
+        token_bytes = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as e:
+        if "weights_only" in str(e):
+            raise  # not damage: an unexpected kind of object in the file
+        raise DamagedFileError(path, f"torch cannot read it ({str(e).splitlines()[0]})", REBUILD_HINT) from None
+    if not (isinstance(token_bytes, torch.Tensor) and token_bytes.ndim == 1 and token_bytes.dtype == torch.int32):
+        raise DamagedFileError(path, "it does not hold a 1-D int32 tensor", REBUILD_HINT)
+    return token_bytes

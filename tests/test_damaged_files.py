@@ -1,0 +1,192 @@
+"""
+Damaged files: every file the project reads back, cut short or with one flipped bit, stops the
+reader with a DamagedFileError that names the file and the command that fixes it, and leaves
+every other file on disk as it was. The scripts exit with code 1 and no traceback.
+"""
+
+import json
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import list_steps, load_checkpoint, load_model, save_checkpoint
+from nanochat.gpt import GPTConfig, build_gpt
+from nanochat.integrity import DamagedFileError, file_record, write_recorded
+from nanochat.tokenizer import RustBPETokenizer, get_token_bytes, get_tokenizer
+
+VOCAB = 300
+
+
+def truncate(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+def flip_bit(path, position=0.5):
+    """Flip one bit of the byte at `position` (a fraction of the file length)."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[int(len(data) * position)] ^= 0x04
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+DAMAGES = {"truncated": truncate, "bit-flipped": flip_bit}
+
+
+def snapshot(root):
+    """{relative path: (size, crc32)} of every file under root."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = (os.path.getsize(path), zlib.crc32(f.read()))
+    return files
+
+
+def expect_damaged(call, path, fix):
+    """call() must raise DamagedFileError naming path and containing fix; returns the message."""
+    with pytest.raises(DamagedFileError) as info:
+        call()
+    message = str(info.value)
+    assert info.value.path == str(path) and str(path) in message, message
+    assert fix in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# the helper itself
+
+
+def test_recorded_write_matches_the_file_and_exits_without_traceback(tmp_path):
+    path = tmp_path / "x.pt"
+    record = write_recorded(path, lambda f: torch.save({"w": torch.arange(1000)}, f))
+    assert record == file_record(path) and record["size"] == os.path.getsize(path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(1000))
+    error = DamagedFileError(path, "it is cut short", "Run the fix.")
+    assert isinstance(error, SystemExit) and error.code == f"error: {path} is damaged: it is cut short.\nRun the fix."
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer.pkl, token_bytes.pt and their manifest
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "omega", "sigma", "tau", "rho", "phi"]
+    texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(100)]
+    folder = tmp_path / "tokenizer"
+    RustBPETokenizer.train_from_iterator(iter(texts), VOCAB).save(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name", ["tokenizer.pkl", "token_bytes.pt", "manifest.json"])
+def test_damaged_tokenizer_files(tokenizer_dir, name, damage):
+    assert get_tokenizer().get_vocab_size() == VOCAB and get_token_bytes().shape == (VOCAB,)
+    DAMAGES[damage](tokenizer_dir / name)
+    before = snapshot(tokenizer_dir.parent)
+    load = get_token_bytes if name == "token_bytes.pt" else get_tokenizer
+    expect_damaged(load, tokenizer_dir / name, "python -m scripts.tok_train")
+    assert snapshot(tokenizer_dir.parent) == before
+
+
+def test_tokenizer_without_manifest_still_loads_and_truncation_is_still_named(tokenizer_dir):
+    os.remove(tokenizer_dir / "manifest.json")  # as the reference writes the folder
+    assert get_tokenizer().get_vocab_size() == VOCAB and get_token_bytes().shape == (VOCAB,)
+    truncate(tokenizer_dir / "tokenizer.pkl")
+    truncate(tokenizer_dir / "token_bytes.pt")
+    expect_damaged(get_tokenizer, tokenizer_dir / "tokenizer.pkl", "python -m scripts.tok_train")
+    expect_damaged(get_token_bytes, tokenizer_dir / "token_bytes.pt", "python -m scripts.tok_train")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def tiny_model_data(seed):
+    torch.manual_seed(seed)
+    config = dict(sequence_len=32, vocab_size=VOCAB, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    model = build_gpt(GPTConfig(**config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.state_dict(), config
+
+
+def save_step(folder, step):
+    model_data, config = tiny_model_data(step)
+    optimizer_data = [{"state": {0: {"exp_avg": torch.randn(64, 64)}}, "param_groups": [{"lr": 0.1, "betas": (0.8, 0.95)}]}]
+    meta = {"step": step, "model_config": config, "loop_state": {"min_val_bpb": float("inf")}}
+    save_checkpoint(str(folder), step, model_data, optimizer_data, meta)
+    return model_data
+
+
+@pytest.fixture
+def checkpoints(tokenizer_dir):
+    """base_checkpoints/d1 with steps 5 and 10 (model, optimizer shard, meta)."""
+    folder = tokenizer_dir.parent / "base_checkpoints" / "d1"
+    save_step(folder, 5)
+    save_step(folder, 10)
+    return folder
+
+
+def test_meta_records_every_file_and_load_returns_the_meta_as_given(checkpoints):
+    with open(checkpoints / "meta_000010.json") as f:
+        saved = json.load(f)
+    assert sorted(saved["files"]) == ["model_000010.pt", "optim_000010_rank0.pt"]
+    for name, record in saved["files"].items():
+        assert record == file_record(checkpoints / name)
+    _, optimizer_data, meta = load_checkpoint(str(checkpoints), 10, "cpu", load_optimizer=True)
+    assert meta == {"step": 10, "model_config": saved["model_config"], "loop_state": {"min_val_bpb": float("inf")}}
+    assert optimizer_data[0]["param_groups"][0]["betas"] == (0.8, 0.95)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name", ["model_000010.pt", "optim_000010_rank0.pt", "meta_000010.json"])
+def test_damaged_checkpoint_names_the_file_and_the_last_intact_step(checkpoints, name, damage):
+    DAMAGES[damage](checkpoints / name)
+    before = snapshot(checkpoints.parent.parent)
+    expect_damaged(lambda: load_checkpoint(str(checkpoints), 10, "cpu", load_optimizer=True, rank=0),
+                   checkpoints / name, "resume with --resume_from_step=5")
+    if name != "optim_000010_rank0.pt":  # loading a model for evaluation does not read the optimizer
+        # the newest step is damaged: loading it says so, rather than quietly taking step 5
+        expect_damaged(lambda: load_model("base", "cpu", "eval"), checkpoints / name, "load it with --step=5")
+    assert snapshot(checkpoints.parent.parent) == before
+    assert load_model("base", "cpu", "eval", step=5)[2]["step"] == 5  # the intact step is still usable
+
+
+def test_list_steps_leaves_out_steps_with_missing_or_cut_files(checkpoints, capsys):
+    assert list_steps(str(checkpoints)) == [5, 10]
+    truncate(checkpoints / "model_000010.pt")
+    assert list_steps(str(checkpoints)) == [5]
+    assert "skipping step 10" in capsys.readouterr().err
+    os.remove(checkpoints / "model_000005.pt")
+    assert list_steps(str(checkpoints)) == []
+    message = expect_damaged(lambda: load_checkpoint(str(checkpoints), 10, "cpu"), checkpoints / "model_000010.pt",
+                             "No earlier step")
+    assert "is intact" in message
+
+
+def test_checkpoints_without_records_still_load(checkpoints):
+    """A step saved before sizes and checksums were recorded: loads unchecked; an unreadable file is still named."""
+    for step in (5, 10):
+        path = checkpoints / f"meta_{step:06d}.json"
+        meta = json.loads(path.read_text())
+        del meta["files"], meta["checksum"]
+        path.write_text(json.dumps(meta))
+    expected = tiny_model_data(10)[0]
+    model_data, _, meta = load_checkpoint(str(checkpoints), 10, "cpu", load_optimizer=True)
+    assert meta["step"] == 10 and all(torch.equal(model_data[k], v) for k, v in expected.items())
+    assert list_steps(str(checkpoints)) == [5, 10]
+    truncate(checkpoints / "model_000010.pt")
+    expect_damaged(lambda: load_checkpoint(str(checkpoints), 10, "cpu"), checkpoints / "model_000010.pt",
+                   "load it with --step=5")
