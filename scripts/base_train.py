@@ -314,9 +314,9 @@ def save_current_step():
                           "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch.")},
         },
     }
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=ddp_rank)
-    if ddp:
-        dist.barrier()  # the step is only complete once every rank's shard is on disk
+    # every rank writes its optimizer shard; the meta file comes last, once all of them are on disk
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=ddp_rank, world_size=ddp_world_size)
 
 # Step log: one JSON line per step and per evaluation; a resumed run drops what came after its step
 log_path = os.path.join(checkpoint_dir, "log.jsonl")

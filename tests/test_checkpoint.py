@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint,
+from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, list_steps, load_checkpoint,
                                          load_model, save_checkpoint)
 from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.tokenizer import RustBPETokenizer
@@ -121,3 +121,59 @@ def test_load_model_without_checkpoints_names_the_training_command(base_dir):
         load_model("sft", "cpu", "eval")
     with pytest.raises(ValueError, match="source must be one of"):
         load_model("pre", "cpu", "eval")
+
+
+# ---------------------------------------------------------------------------------------------
+# a 2-rank save killed between its writes leaves the previous step as the latest
+
+
+def save_killed_midway(rank, init_file, folder, kill_point):
+    """Save step 1 on 2 gloo ranks, then step 2 with this process dying (os._exit) at kill_point."""
+    import datetime
+    import torch.distributed as dist
+    from nanochat import checkpoint_manager
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    model, config = tiny_model(seed=0)
+    optimizer_data = [{"state": {0: {"exp_avg": torch.full((4,), float(rank))}}, "param_groups": [{"lr": 0.1}]}]
+    save_checkpoint(folder, 1, model.state_dict(), optimizer_data, meta_for(config, 1), rank=rank, world_size=2)
+    real_write_recorded, real_atomic_write = checkpoint_manager.write_recorded, checkpoint_manager.atomic_write
+
+    def write_recorded(path, write_fn):
+        if kill_point == (rank, os.path.basename(path)):
+            os._exit(9)  # killed before writing this file
+        return real_write_recorded(path, write_fn)
+
+    def atomic_write(path, write_fn, mode="wb"):
+        if kill_point == (rank, os.path.basename(path)):
+            os._exit(9)
+        return real_atomic_write(path, write_fn, mode)
+
+    checkpoint_manager.write_recorded, checkpoint_manager.atomic_write = write_recorded, atomic_write
+    # the surviving rank fails in the exchange (its peer is gone): that is fine, it is being killed too
+    save_checkpoint(folder, 2, model.state_dict(), optimizer_data, meta_for(config, 2), rank=rank, world_size=2)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kill_point", [(1, "optim_000002_rank1.pt"), (0, "model_000002.pt"), (0, "meta_000002.json")],
+                         ids=["before-rank1-shard", "before-model", "before-meta"])
+def test_a_save_killed_between_writes_leaves_the_previous_step_latest(tmp_path, kill_point):
+    import multiprocessing as mp
+    folder = str(tmp_path / "d1")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=save_killed_midway, args=(rank, str(tmp_path / "init"), folder, kill_point)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    assert any(p.exitcode == 9 for p in procs)
+    files = os.listdir(folder)
+    assert "meta_000001.json" in files and "meta_000002.json" not in files
+    assert not any(name.endswith(".tmp") for name in files)  # no half-written file left behind
+    assert list_steps(folder) == [1] and find_last_step(folder) == 1
+    for rank in range(2):
+        _, optimizer_data, meta = load_checkpoint(folder, 1, "cpu", load_optimizer=True, rank=rank)
+        assert meta["step"] == 1 and optimizer_data[0]["state"][0]["exp_avg"][0].item() == rank
