@@ -11,11 +11,7 @@ Checkpoints go to <base>/base_checkpoints/<model_tag>/ (model, per-rank optimize
 with a log.jsonl of every step. `--resume_from_step=S` continues exactly where step S left off.
 """
 
-import base64
-import json
 import os
-import random
-import signal
 import time
 from contextlib import nullcontext
 
@@ -25,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type,
-                             DummyWandb, atomic_write, format_seconds)
+                             DummyWandb, format_seconds)
 from nanochat.configurator import configure, batch_size_suggestions
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, list_steps
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
@@ -34,6 +30,7 @@ from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loade
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core, ensure_eval_bundle
 from nanochat.engine import SAMPLE_PROMPTS, greedy_sample
+from nanochat.training import capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest, muon_momentum
 from nanochat.report import get_report
 from nanochat import hardware
 
@@ -176,10 +173,7 @@ if resuming:
     # settings that change the optimisation itself (evaluation, sampling, saving and naming do not)
     harmless = {"run", "dry_run", "resume_from_step", "eval_every", "eval_tokens", "core_metric_every",
                 "core_metric_max_per_task", "sample_every", "save_every", "model_tag"}
-    saved_config = meta_data["user_config"]
-    changed = {k: (saved_config[k], v) for k, v in user_config.items() if k in saved_config and k not in harmless and saved_config[k] != v}
-    for k, (was, now) in changed.items():
-        print0(f"warning: {k} was {was!r} in the run being resumed and is {now!r} now: the continuation will differ")
+    warn_changed_settings(meta_data["user_config"], user_config, harmless)
 
 # Precision and compilation, chosen per device
 saved_precision = meta_data["loop_state"].get("precision", {}) if resuming else {}
@@ -255,18 +249,7 @@ def get_lr_multiplier(it):
     progress = (num_iterations - it) / warmdown_iters  # 1 -> 0 over the warmdown
     return progress + (1 - progress) * final_lr_frac
 
-def get_muon_momentum(it):
-    """Muon's momentum ramps 0.85 -> 0.95 over the first 300 steps (as in the reference)."""
-    frac = min(it / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
-
 # Loop state: everything besides weights, optimizer and data that a resumed run must continue with
-def encode_rng_state(state):
-    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
-
-def decode_rng_state(text):
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
 if not resuming:
     step = 0
     min_val_bpb = float("inf")
@@ -280,13 +263,7 @@ else:
     smooth_train_loss = loop_state["smooth_train_loss"]
     total_training_time = loop_state["total_training_time"]
     val_bpb = meta_data.get("val_bpb")
-    rng = loop_state.get("rng", {})
-    if "python" in rng:
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    if "torch" in rng:
-        torch.set_rng_state(decode_rng_state(rng["torch"]))
-    if rng.get("cuda") and device_type == "cuda":
-        torch.cuda.set_rng_state(decode_rng_state(rng["cuda"]), device)
+    restore_rng_state(loop_state.get("rng", {}), device)
 # the data position a checkpoint records: just after the last batch trained on (set by every micro-step;
 # nothing is saved before the first step, since the step we resumed from is already on disk)
 consumed_loader_state = None
@@ -294,9 +271,6 @@ consumed_loader_state = None
 def save_current_step():
     """Checkpoint of the current step: every rank's optimizer shard and data position, rank 0's model and meta."""
     loader_states = gather_loader_state(consumed_loader_state)  # a collective under torchrun: {"ranks": [...]}
-    rng = {"python": list(random.getstate()), "torch": encode_rng_state(torch.get_rng_state())}
-    if device_type == "cuda":
-        rng["cuda"] = encode_rng_state(torch.cuda.get_rng_state(device))
     meta = {
         "step": step,
         "val_bpb": val_bpb,
@@ -309,7 +283,7 @@ def save_current_step():
             "min_val_bpb": min_val_bpb,
             "smooth_train_loss": smooth_train_loss,
             "total_training_time": total_training_time,
-            "rng": rng,
+            "rng": capture_rng_state(device),
             "precision": {"autocast": "bfloat16" if use_bf16 else "float32",
                           "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch.")},
         },
@@ -319,24 +293,7 @@ def save_current_step():
                     rank=ddp_rank, world_size=ddp_world_size)
 
 # Step log: one JSON line per step and per evaluation; a resumed run drops what came after its step
-log_path = os.path.join(checkpoint_dir, "log.jsonl")
-if master_process:
-    kept = []
-    if resuming and os.path.exists(log_path):
-        with open(log_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] < step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass  # a line cut short by a crash
-    atomic_write(log_path, lambda f: f.writelines(kept), mode="w")
-    log_file = open(log_path, "a", encoding="utf-8")
-
-def log_jsonl(record):
-    if master_process:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None, enabled=master_process)
 
 # wandb: only rank 0, only for named runs (WANDB_MODE=offline keeps it local)
 if run != "dummy" and master_process:
@@ -346,13 +303,7 @@ else:
     wandb_run = DummyWandb()
 
 # Ctrl-C / SIGTERM: finish the current step, save, exit cleanly (a second Ctrl-C stops at once)
-stop_requested = False
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True  # acted on after the current step (printing here could interrupt another print)
-    signal.signal(signum, signal.SIG_DFL)
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+stop = StopRequest()
 
 # -----------------------------------------------------------------------------
 # Training loop: runs num_iterations + 1 times so that the last pass only evaluates and saves
@@ -381,7 +332,7 @@ while True:
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"Step {step:05d} | validation bpb: {val_bpb:.4f}")
-        log_jsonl({"step": step, "val_bpb": val_bpb})
+        step_log.log({"step": step, "val_bpb": val_bpb})
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time, "val/bpb": val_bpb})
         model.train()
 
@@ -422,7 +373,7 @@ while True:
         x, y, loader_state = next(train_loader)  # fetch the next batch while the device works
     # one small exchange tells every rank the mean loss, whether any rank saw inf/nan, or was told to stop
     step_flags = torch.stack([loss_sum / grad_accum_steps, (~torch.isfinite(loss_sum)).float(),
-                              torch.tensor(float(stop_requested), device=device)])
+                              torch.tensor(float(stop.requested), device=device)])
     if ddp:
         dist.all_reduce(step_flags, op=dist.ReduceOp.SUM)
     train_loss, any_nonfinite, any_stop = step_flags.tolist()
@@ -432,8 +383,7 @@ while True:
         saved = list_steps(checkpoint_dir)
         last_good = (f"The last good checkpoint is step {saved[-1]} in {checkpoint_dir} (continue with --resume_from_step={saved[-1]})"
                      if saved else "No checkpoint was saved before it")
-        if master_process:
-            log_file.close()
+        step_log.close()
         fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights. "
              f"{last_good}; a lower learning rate or --grad_clip may help.")
     grad_norm = None
@@ -443,9 +393,8 @@ while True:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-    muon_momentum = get_muon_momentum(step)
     for group in muon_optimizer.param_groups:
-        group["momentum"] = muon_momentum
+        group["momentum"] = muon_momentum(step)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
@@ -468,7 +417,7 @@ while True:
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased_smooth_loss:.6f} |{grad_text} "
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | "
            f"elapsed: {format_seconds(elapsed)} | eta: {format_seconds(eta)}")
-    log_jsonl({"step": step, "loss": debiased_smooth_loss, "raw_loss": train_loss, "grad_norm": grad_norm, "lr_mult": lrm,
+    step_log.log({"step": step, "loss": debiased_smooth_loss, "raw_loss": train_loss, "grad_norm": grad_norm, "lr_mult": lrm,
                "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "total_time": total_training_time})
     if step % 100 == 0:
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
@@ -477,8 +426,7 @@ while True:
     step += 1
 
 # -----------------------------------------------------------------------------
-if master_process:
-    log_file.close()
+step_log.close()
 if device_type == "cuda":
     print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f}MiB")
 print0(f"Total training time: {format_seconds(total_training_time)}")

@@ -160,7 +160,7 @@ def test_lr_schedule_edges():
 
 
 def test_muon_momentum_ramp():
-    momentum = script_function("get_muon_momentum")
+    from nanochat.training import muon_momentum as momentum
     assert momentum(0) == 0.85
     assert momentum(150) == pytest.approx(0.90)
     assert momentum(300) == pytest.approx(0.95) and momentum(10_000) == pytest.approx(0.95)

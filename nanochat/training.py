@@ -1,0 +1,110 @@
+"""
+What the training scripts (base_train, mid_train, chat_sft) share besides the model and optimizers:
+the pieces that make a run stoppable and exactly resumable.
+
+- random-number state in and out of a checkpoint's meta file (JSON-safe);
+- a step log (<checkpoint dir>/log.jsonl) that a resumed run truncates back to its step;
+- Ctrl-C / SIGTERM turned into a request the loop acts on between steps;
+- warnings for settings that changed since the run being resumed;
+- Muon's momentum warm-up, the same in every phase.
+"""
+
+import base64
+import json
+import os
+import random
+import signal
+
+import torch
+
+from nanochat.common import atomic_write, print0
+
+
+def _encode_tensor_state(state):
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _decode_tensor_state(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def capture_rng_state(device):
+    """Python's and torch's generators (and CUDA's on a CUDA device) as a JSON-safe dict."""
+    rng = {"python": list(random.getstate()), "torch": _encode_tensor_state(torch.get_rng_state())}
+    if torch.device(device).type == "cuda":
+        rng["cuda"] = _encode_tensor_state(torch.cuda.get_rng_state(device))
+    return rng
+
+
+def restore_rng_state(rng, device):
+    """The inverse of capture_rng_state (missing entries are left alone)."""
+    if "python" in rng:
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    if "torch" in rng:
+        torch.set_rng_state(_decode_tensor_state(rng["torch"]))
+    if rng.get("cuda") and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(_decode_tensor_state(rng["cuda"]), device)
+
+
+def warn_changed_settings(saved_config, user_config, harmless):
+    """Warn about each setting that differs from the run being resumed and changes the optimisation."""
+    for name, now in user_config.items():
+        if name in saved_config and name not in harmless and saved_config[name] != now:
+            print0(f"warning: {name} was {saved_config[name]!r} in the run being resumed and is {now!r} now: "
+                   "the continuation will differ")
+
+
+class StepLog:
+    """
+    One JSON line per training step and per evaluation in `path`. A run resumed at `resume_step` first
+    drops the lines of steps >= resume_step (they belong to the stretch being redone). Only the
+    process with `enabled` (rank 0) writes.
+    """
+
+    def __init__(self, path, resume_step=None, enabled=True):
+        self.file = None
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] < resume_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        pass  # a line cut short by a crash
+        atomic_write(path, lambda f: f.writelines(kept), mode="w")
+        self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, record):
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class StopRequest:
+    """
+    Ctrl-C / SIGTERM set .requested instead of killing the process; the training loop finishes its step,
+    saves and exits. A second signal of the same kind stops at once (the default handler is back).
+    """
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True  # acted on after the current step (printing here could interrupt another print)
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def muon_momentum(step):
+    """Muon's momentum ramps 0.85 -> 0.95 over the first 300 steps (as in the reference)."""
+    frac = min(step / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
