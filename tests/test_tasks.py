@@ -18,6 +18,7 @@ from tasks.arc import ARC
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc
 from tasks.customjson import CustomJSON, identity_conversations_path
 from tasks.gsm8k import GSM8K, extract_answer, solution_parts
+from tasks.humaneval import HumanEval, extract_imports, extract_program
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SpellingBee, SimpleSpelling
@@ -63,6 +64,14 @@ def hub(file_server, base_dir, monkeypatch):
     write_split(root, "openai/gsm8k", "main", "train", [gsm_row(i) for i in range(0, 10)])
     write_split(root, "openai/gsm8k", "main", "train", [gsm_row(i) for i in range(10, 25)], shard=1)  # a split in two shards
     write_split(root, "HuggingFaceTB/smol-smoltalk", "default", "train", [smoltalk_row(i) for i in range(16)])
+    write_split(root, "openai/openai_humaneval", "openai_humaneval", "test", [
+        {"task_id": "HumanEval/0", "prompt": 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n',
+         "canonical_solution": "    return sum(xs)\n", "entry_point": "total",
+         "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n    assert candidate([]) == 0\n"},
+        {"task_id": "HumanEval/1", "prompt": 'import math\n\ndef root(x):\n    """Square root."""\n',
+         "canonical_solution": "    return math.sqrt(x)\n", "entry_point": "root",
+         "test": "def check(candidate):\n    assert candidate(9) == 3\n"},
+    ])
     with open(os.path.join(root, "words.txt"), "w") as f:
         f.write("\n".join(WORDS) + "\n")
     with open(os.path.join(root, "identity.jsonl"), "w") as f:
@@ -222,3 +231,16 @@ def test_custom_json_bad_line_names_it(tmp_path):
     path.write_text('[{"role": "user", "content": "a"}]\n')
     with pytest.raises(ValueError, match=":1: expected a JSON list of at least one user message"):
         CustomJSON(str(path))
+
+
+def test_humaneval_runs_completions_against_the_tests(hub):
+    task = HumanEval()
+    assert len(task) == 2 and task.eval_type == "generative"
+    for conversation in (task[0], task[1]):
+        canonical = conversation["messages"][1]["content"]  # prompt + canonical solution
+        assert task.evaluate(conversation, canonical)
+        # the usual model output: a fenced block without the prompt's imports, with chatter around it
+        body = "\n".join(line for line in canonical.splitlines() if not line.startswith(("import ", "from ")))
+        assert task.evaluate(conversation, f"Here you go:\n```python\n{body}\n```\nDone.")
+        assert not task.evaluate(conversation, canonical.replace("return", "return -1 + "))
+    assert extract_program("x = 1") == "x = 1" and extract_imports("import a\nfrom b import c\n\ndef f(): pass") == "import a\nfrom b import c"
