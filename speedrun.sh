@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=1  # one process per GPU: keep each one's CPU threads fro
 DEPTH=20
 MODEL_TAG="d$DEPTH"
 
-source "$REPO_ROOT/runs/stages.sh" speedrun.sh  # BASE_DIR, the failing-stage message, stage(), last_checkpoint_step()
+source "$REPO_ROOT/runs/stages.sh" speedrun.sh  # BASE_DIR, the failing-stage message, stage(), last_checkpoint_step(), print_chat_commands()
 echo "speedrun.sh: outputs in $BASE_DIR; $NPROC_PER_NODE processes; wandb run: $WANDB_RUN"
 
 # A new run starts a new report (system info and start time); a re-run continues the old one.
@@ -76,3 +76,4 @@ stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$LAST_STEP.
 STAGE="report"
 (cd "$CALLER_DIR" && python -m nanochat.report generate)
 echo "speedrun.sh: done. Report: $CALLER_DIR/report.md"
+print_chat_commands

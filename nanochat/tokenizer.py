@@ -179,6 +179,10 @@ class RustBPETokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
+    def decode_bytes(self, ids):
+        """The raw bytes of ids: a multi-byte character split over tokens is not yet a str (see chat.TextStream)."""
+        return self.enc.decode_bytes(ids)
+
     # ---- conversations ----
 
     def render_conversation(self, conversation, max_tokens=2048):

@@ -1,6 +1,6 @@
 # Sourced by the pipeline scripts (runs/runcpu.sh, speedrun.sh) after setup_env.sh, with the script's
-# name as argument: sets BASE_DIR, names the failing stage on error, and defines `stage` and
-# `last_checkpoint_step` (which reads MODEL_TAG).
+# name as argument: sets BASE_DIR, names the failing stage on error, and defines `stage`,
+# `last_checkpoint_step` and `print_chat_commands` (which read MODEL_TAG).
 PIPELINE_NAME=$1
 STAGE="setup"
 trap 'echo "$PIPELINE_NAME: stage \"$STAGE\" failed (see the messages above). Fix it and re-run: finished stages are skipped." >&2' ERR
@@ -21,4 +21,18 @@ stage() {
 last_checkpoint_step() {
     python -c "import sys; from nanochat.checkpoint_manager import list_steps; steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" \
         "$BASE_DIR/base_checkpoints/$MODEL_TAG"
+}
+
+# The closing lines of a pipeline: how to talk to the model of $MODEL_TAG it trained, from its latest
+# phase that has a checkpoint (sft, else mid, else base), in the terminal and in the browser.
+print_chat_commands() {
+    local source=base prefix=""
+    if [ -d "$BASE_DIR/mid_checkpoints/$MODEL_TAG" ]; then source=mid; fi
+    if [ -d "$BASE_DIR/chatsft_checkpoints/$MODEL_TAG" ]; then source=sft; fi
+    if [ -n "${NANOCHAT_BASE_DIR:-}" ]; then prefix="NANOCHAT_BASE_DIR=$BASE_DIR "; fi
+    echo
+    echo "Talk to your model (from $REPO_ROOT, after: source .venv/bin/activate):"
+    echo "  ${prefix}python -m scripts.chat_cli -i $source -g $MODEL_TAG    # in the terminal"
+    echo "  ${prefix}python -m scripts.chat_web -i $source -g $MODEL_TAG    # in the browser, at http://localhost:8000/"
+    echo "(chat_web listens on this machine only; --host 0.0.0.0 lets other machines in, with no login.)"
 }

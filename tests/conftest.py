@@ -4,6 +4,8 @@ for download code, serve it from a local HTTP server on 127.0.0.1.
 """
 
 import os
+import random
+import re
 import threading
 import multiprocessing as mp
 import http.server
@@ -11,6 +13,11 @@ import http.server
 import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPTConfig, build_gpt, norm
+from nanochat.tokenizer import RustBPETokenizer
 
 
 def write_text_parquet(path, texts, row_group_size):
@@ -110,3 +117,66 @@ def run_two_ranks(tmp_path):
             assert p.exitcode == 0
         return results
     return run
+
+
+# -----------------------------------------------------------------------------
+# A base dir with a tokenizer and two tiny chat models, for the chat CLI and web server tests
+
+CHAT_WORDS = ("the a of and to in is was for on that with as it by at from his her they this be are have had not "
+              "one two three time year people way day man world life hand part child eye woman place work week "
+              "case point number group problem fact small large long little good new first last great old "
+              "river house music light water story garden city morning answer question model train learn").split()
+CALCULATOR_EXPRESSION = "12*7"  # the sft model's every answer: this calculator call, then the end of its turn
+
+
+def _set_next_token(model, current, target, strength=8.0):
+    """Make the bigram model (see make_chat_base_dir) give `target` a logit of ~strength after `current`."""
+    with torch.no_grad():
+        h = norm(model.transformer.wte.weight[current])  # what lm_head sees at that token
+        model.lm_head.weight[target] += strength * h / h.dot(h)
+
+
+def make_chat_base_dir(root):
+    """
+    NANOCHAT_BASE_DIR with a tokenizer (vocab 512, trained on word salad) and two 1-layer models whose
+    blocks are identity at init (zero output projections), so logits depend on the current token only:
+    - base_checkpoints/d1: small random logits for whole words and [.,], far lower ones for every other token
+      (the special ones too), so sampling with top-k <= 50 writes a word salad that ends only at max_tokens;
+    - chatsft_checkpoints/d1: additionally, after <|assistant_start|> it writes the calculator call
+      <|python_start|>12*7<|python_end|> greedily and, after the tool's <|output_end|>, <|assistant_end|>.
+    """
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(CHAT_WORDS) for _ in range(80)) + "." for _ in range(300)]
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(texts + ["12*7=84 3+4=7"] * 5), 512)
+    tokenizer.save(os.path.join(root, "tokenizer"))
+    config = dict(sequence_len=4096, vocab_size=512, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    special = tokenizer.encode_special
+    for folder, scripted in [("base_checkpoints", False), ("chatsft_checkpoints", True)]:
+        torch.manual_seed(0)
+        model = build_gpt(GPTConfig(**config))
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, 0.02)
+        if scripted:
+            chain = [special("<|assistant_start|>"), special("<|python_start|>"),
+                     *tokenizer.encode(CALCULATOR_EXPRESSION), special("<|python_end|>")]
+            assert len(set(chain)) == len(chain), "a bigram model needs distinct tokens along its chain"
+            for current, target in zip(chain, chain[1:]):
+                _set_next_token(model, current, target)
+            _set_next_token(model, special("<|output_end|>"), special("<|assistant_end|>"))
+        else:
+            words = [t for t in range(tokenizer.get_vocab_size()) if re.fullmatch(rb" [a-z]+|[.,]", tokenizer.decode_bytes([t]))]
+            assert len(words) >= 50, "top-k 50 must only ever see words"
+            with torch.no_grad():  # every token's h gets a large shared component that the other tokens' rows oppose
+                model.transformer.wte.weight[:, 0] += 4.0
+                others = sorted(set(range(tokenizer.get_vocab_size())) - set(words))
+                model.lm_head.weight[others] = 0.0
+                model.lm_head.weight[others, 0] = -5.0  # logit about -12 after the soft cap; words are about 0 +- 0.5
+        meta = {"step": 1, "model_config": config}
+        save_checkpoint(os.path.join(root, folder, "d1"), 1, model.state_dict(), None, meta)
+    return root
+
+
+@pytest.fixture(scope="session")
+def chat_base_dir(tmp_path_factory):
+    """A NANOCHAT_BASE_DIR for the chat tests (see make_chat_base_dir); pass it to the scripts' environment."""
+    return str(make_chat_base_dir(str(tmp_path_factory.mktemp("chat_base"))))

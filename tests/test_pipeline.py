@@ -9,6 +9,7 @@ import json
 import random
 import zipfile
 import subprocess
+import sys
 
 import pytest
 
@@ -121,7 +122,7 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
         "TIKTOKEN_CACHE_DIR": str(tmp_path / "tiktoken_cache"),
         "HF_HUB_OFFLINE": "1",
     })
-    run_runcpu(env, workdir)
+    output = run_runcpu(env, workdir)
 
     # every stage left its output
     tag_dir = base / "base_checkpoints" / f"d{TOY_SIZES['NANOCHAT_RUNCPU_DEPTH']}"
@@ -149,6 +150,16 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
     assert "| CORE |" in text
     assert "Total wall time: unknown" not in text
     assert "](report_files/train_loss.png)" in (workdir / "report.md").read_text(encoding="utf-8")
+
+    # it ends by printing how to talk to the model; the terminal one answers
+    tag = f"d{TOY_SIZES['NANOCHAT_RUNCPU_DEPTH']}"
+    commands = [line.strip() for line in output.splitlines() if "python -m scripts.chat_" in line]
+    assert [c.split("#")[0].split() for c in commands] == [
+        [f"NANOCHAT_BASE_DIR={base}", "python", "-m", f"scripts.chat_{kind}", "-i", "base", "-g", tag] for kind in ("cli", "web")]
+    assert "http://localhost:8000/" in commands[1]
+    answer = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-i", "base", "-g", tag, "-p", "Hello", "-m", "4"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert answer.returncode == 0 and answer.stdout.endswith("\n"), answer.stderr  # an answer (maybe empty: a toy model)
 
     # a second run skips every finished stage and leaves the checkpoint alone
     checkpoint_mtime = os.path.getmtime(tag_dir / f"model_{STEPS:06d}.pt")
