@@ -21,14 +21,17 @@ from nanochat.chat import ChatModel, assistant_content
 from nanochat.common import autodetect_device_type, compute_init
 
 # how tool tokens look in the terminal
-TOOL_DISPLAY = {"<|python_start|>": "[calculator: ", "<|python_end|>": "]", "<|output_start|>": " = ", "<|output_end|>": ""}
+TOOL_DISPLAY = {"<|python_start|>": "[calculator: ", "<|python_end|>": "]",
+                "<|output_start|>": " = ", "<|output_end|>": ""}
 
 parser = argparse.ArgumentParser(description="Chat with a trained nanochat model in the terminal.")
-parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="training phase of the model (default sft)")
+parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                    help="training phase of the model (default sft)")
 parser.add_argument("-g", "--model-tag", default=None, help="checkpoint folder, e.g. d20 (default: the largest model)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
 parser.add_argument("-p", "--prompt", default="", help="ask this one question, print the answer and exit")
-parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
+parser.add_argument("-t", "--temperature", type=float, default=0.6,
+                    help="sampling temperature, 0 = greedy (default 0.6)")
 parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
 parser.add_argument("-m", "--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
 parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per answer)")
@@ -70,7 +73,8 @@ if args.prompt:
     sys.exit(0)
 
 print(f"nanochat ({args.source} model {chat.describe()})")
-print("Type a message and press Enter. 'clear' starts a new conversation, 'quit' or Ctrl-D leaves, Ctrl-C stops an answer.")
+print("Type a message and press Enter. 'clear' starts a new conversation, 'quit' or Ctrl-D leaves, "
+      "Ctrl-C stops an answer.")
 with contextlib.suppress(ImportError):
     import readline  # noqa: F401  (line editing and history for input(), where available)
 messages = []

@@ -53,14 +53,17 @@ parser = argparse.ArgumentParser(
     epilog="The server listens on 127.0.0.1 (this machine only) by default. To let other machines in, "
            "use --host 0.0.0.0 (every interface) or the address of one interface, and open the port in "
            "the firewall; anyone who can reach it can use the model, there is no login.")
-parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="training phase of the model (default sft)")
+parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                    help="training phase of the model (default sft)")
 parser.add_argument("-g", "--model-tag", default=None, help="checkpoint folder, e.g. d20 (default: the largest model)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
-parser.add_argument("-n", "--num-gpus", type=int, default=0, help="GPUs to hold a replica each (default: all; CPU/MPS: one replica)")
+parser.add_argument("-n", "--num-gpus", type=int, default=0,
+                    help="GPUs to hold a replica each (default: all; CPU/MPS: one replica)")
 parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature (default 0.8)")
 parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (default 50)")
 parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default longest answer in tokens (default 512)")
-parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = every interface)")
+parser.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1; 0.0.0.0 = every interface)")
 parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -81,7 +84,7 @@ class Worker:
     chat: ChatModel
     busy: bool = False
     requests: int = 0  # answers started on this replica
-    tokens: int = 0  # tokens it generated
+    tokens: int = 0  # tokens it generated (only the thread working on this replica writes these counts)
     busy_seconds: float = 0.0  # time spent generating
 
 
@@ -131,7 +134,8 @@ tokenizer = workers[0].chat.tokenizer  # the same for every replica
 context_len = workers[0].chat.context_len
 with open(os.path.join(os.path.dirname(nanochat.__file__), "ui.html"), encoding="utf-8") as f:
     page = f.read()
-served = {"requests": 0, "rejected": 0, "unfinished": 0, "tokens": 0}  # unfinished: the client left or generation failed
+# unfinished: answers whose stream ended early (the client left, or generation failed)
+served = {"requests": 0, "rejected": 0, "unfinished": 0}
 started = time.time()
 
 # -----------------------------------------------------------------------------
@@ -170,18 +174,21 @@ def check_request(body):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise bad_request(f'message {i} must be an object with a "role" and a string "content"')
         if message.get("role") not in ("system", "user", "assistant"):
-            raise bad_request(f"message {i} has role {json.dumps(message.get('role'))}: roles are system (first message only), user and assistant")
+            raise bad_request(f"message {i} has role {json.dumps(message.get('role'))}: "
+                              "roles are system (first message only), user and assistant")
         if message["role"] != "assistant" and not message["content"].strip():
             raise bad_request(f"message {i} ({message['role']}) is empty")
         if len(message["content"]) > MAX_MESSAGE_CHARS:
-            raise bad_request(f"message {i} is {len(message['content'])} characters long, the limit is {MAX_MESSAGE_CHARS} per message")
+            raise bad_request(f"message {i} is {len(message['content'])} characters long, "
+                              f"the limit is {MAX_MESSAGE_CHARS} per message")
         total_chars += len(message["content"])
     if total_chars > MAX_CONVERSATION_CHARS:
-        raise bad_request(f"the conversation is {total_chars} characters long, the limit is {MAX_CONVERSATION_CHARS} in all")
+        raise bad_request(f"the conversation is {total_chars} characters long, "
+                          f"the limit is {MAX_CONVERSATION_CHARS} in all")
     if messages[-1]["role"] != "user":
         raise bad_request("the last message must be from the user: the answer is the assistant's next turn")
-    messages = [{"role": m["role"], "content": assistant_content(m["content"]) if m["role"] == "assistant" else m["content"]}
-                for m in messages]
+    # answers come back as streamed: tool calls between their token names -> parts with the tool tokens
+    messages = [{**m, "content": assistant_content(m["content"])} if m["role"] == "assistant" else m for m in messages]
     try:
         chat_messages({"messages": messages})  # turn order: [system,] user, assistant, user, ...
     except ValueError as e:
@@ -221,15 +228,15 @@ async def stream_answer(request, prompt, settings):
         except Exception as e:
             traceback.print_exc()
             loop.call_soon_threadsafe(pieces.put_nowait, e)
-        finally:
-            loop.call_soon_threadsafe(pieces.put_nowait, None)
+        finally:  # the counts first, so /stats has them by the time the client reads the end of the stream
             seconds = time.perf_counter() - t0
             worker.requests += 1
             worker.tokens += num_tokens
             worker.busy_seconds += seconds
-            served["tokens"] += num_tokens
+            loop.call_soon_threadsafe(pieces.put_nowait, None)
             outcome = "stopped early" if stop.is_set() else "done"
-            print(f"worker {worker.index}: {len(prompt)} prompt tokens -> {num_tokens} tokens in {seconds:.2f}s ({outcome})", flush=True)
+            print(f"worker {worker.index}: {len(prompt)} prompt tokens -> {num_tokens} tokens in {seconds:.2f}s "
+                  f"({outcome})", flush=True)
 
     # the replica goes back to the pool when its thread ends, however this generator ends (even if cancelled)
     job = loop.run_in_executor(None, generate)
@@ -269,7 +276,8 @@ async def chat_completions(request: Request):
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         served["rejected"] += 1
-        raise HTTPException(status_code=413, detail=f"the request body is {len(body)} bytes, the limit is {MAX_BODY_BYTES}")
+        raise HTTPException(status_code=413,
+                            detail=f"the request body is {len(body)} bytes, the limit is {MAX_BODY_BYTES}")
     try:
         parsed = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -295,6 +303,7 @@ async def stats():
         "source": args.source,
         "uptime_seconds": round(time.time() - started, 1),
         **served,
+        "tokens": sum(w.tokens for w in pool.workers),
         "waiting": pool.waiting,
         "workers": [{"index": w.index, "device": str(w.chat.device), "dtype": w.chat.dtype, "busy": w.busy,
                      "requests": w.requests, "tokens": w.tokens,
@@ -304,5 +313,6 @@ async def stats():
 
 
 shown_host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
-print(f"Chat page: http://{shown_host}:{args.port}/" + (" (and this machine's address from elsewhere)" if args.host in ("0.0.0.0", "::") else ""), flush=True)
+elsewhere = " (from other machines: this machine's address)" if args.host in ("0.0.0.0", "::") else ""
+print(f"Chat page: http://{shown_host}:{args.port}/{elsewhere}", flush=True)
 uvicorn.run(app, host=args.host, port=args.port)

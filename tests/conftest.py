@@ -164,7 +164,8 @@ def make_chat_base_dir(root):
                 _set_next_token(model, current, target)
             _set_next_token(model, special("<|output_end|>"), special("<|assistant_end|>"))
         else:
-            words = [t for t in range(tokenizer.get_vocab_size()) if re.fullmatch(rb" [a-z]+|[.,]", tokenizer.decode_bytes([t]))]
+            words = [t for t in range(tokenizer.get_vocab_size())
+                     if re.fullmatch(rb" [a-z]+|[.,]", tokenizer.decode_bytes([t]))]
             assert len(words) >= 50, "top-k 50 must only ever see words"
             with torch.no_grad():  # every token's h gets a large shared component that the other tokens' rows oppose
                 model.transformer.wte.weight[:, 0] += 4.0

@@ -47,7 +47,8 @@ def test_stream_equals_decode_on_random_tokens(tokenizer):
     rng = random.Random(0)
     specials = [tokenizer.encode_special(name) for name in TOOL_TOKENS]
     for _ in range(50):
-        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(256 + 50) for _ in range(rng.randrange(1, 40))]
+        length = rng.randrange(1, 40)
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(256 + 50) for _ in range(length)]
         pieces, rest = stream(tokenizer, ids)
         assert "".join(pieces) + rest == tokenizer.decode(ids)
 
@@ -73,7 +74,8 @@ def test_assistant_content_plain_and_cut_short():
     assert assistant_content("just text") == "just text"
     assert assistant_content("") == ""
     # an answer that hit its token limit inside a call keeps what was written of it
-    assert assistant_content("x <|python_start|>1+") == [{"type": "text", "text": "x "}, {"type": "python", "text": "1+"}]
+    assert assistant_content("x <|python_start|>1+") == [{"type": "text", "text": "x "},
+                                                          {"type": "python", "text": "1+"}]
 
 
 # -----------------------------------------------------------------------------
@@ -96,7 +98,8 @@ def test_cli_one_prompt_uses_the_calculator(chat_base_dir):
 
 def test_cli_missing_model_says_what_to_train(tmp_path):
     result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "hi", *CLI_ARGS], cwd=REPO_ROOT,
-                            env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+                            env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode != 0
     assert "python -m scripts.chat_sft" in result.stderr
 
