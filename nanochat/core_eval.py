@@ -264,11 +264,13 @@ def load_task_data(path, max_per_task=-1):
     return data[:max_per_task] if max_per_task > 0 else data
 
 
-def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1):
+def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, should_stop=None):
     """
     Every task of the bundle. Tasks whose data file or baseline is missing are reported and skipped.
     Returns {"results": {label: acc}, "centered_results": {label: centered}, "core_metric": mean centered,
     "times": {label: seconds}, "skipped": {label: reason}}.
+    should_stop(), if given, is called before each task (on every rank, at the same points); when it
+    returns True the evaluation ends there and returns None (a training run stopping to save).
     """
     tasks, baselines = load_bundle(bundle_dir)
     skipped = {}
@@ -290,6 +292,9 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1):
     results, centered, times = {}, {}, {}
     t_begin = time.time()
     for i, task in enumerate(runnable):
+        if should_stop is not None and should_stop():
+            print0(f"CORE evaluation stopped after {i} of {len(runnable)} tasks")
+            return None
         label, meta = task["label"], task["task_meta"]
         t0 = time.time()
         data = load_task_data(task["path"], max_per_task)

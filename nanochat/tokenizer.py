@@ -16,7 +16,7 @@ import pickle
 import tiktoken
 
 from nanochat.common import get_base_dir, atomic_write
-from nanochat.integrity import DamagedFileError, verify_file, write_recorded
+from nanochat.integrity import MANIFEST, DamagedFileError, verify_in_manifest, write_recorded
 
 # Appended after the merges, in this order, so <|bos|> gets id vocab_size - 9.
 SPECIAL_TOKENS = [
@@ -48,7 +48,6 @@ PART_TOKENS = {
 
 TOKENIZER_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
-MANIFEST_FILE = "manifest.json"
 # what rebuilds a damaged tokenizer file
 REBUILD_HINT = ("Rebuild the tokenizer with the command that made it (`python -m scripts.tok_train` with the same "
                 "--max_chars and --vocab_size gives the same tokenizer on the same data), or restore the folder from a copy.")
@@ -97,9 +96,7 @@ class RustBPETokenizer:
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
-        records = read_manifest(tokenizer_dir)
-        if TOKENIZER_FILE in records:
-            verify_file(path, records[TOKENIZER_FILE], REBUILD_HINT)
+        verify_in_manifest(path, REBUILD_HINT)
         try:
             with open(path, "rb") as f:
                 enc = pickle.load(f)
@@ -240,24 +237,8 @@ class RustBPETokenizer:
         records = {TOKENIZER_FILE: write_recorded(pkl_path, lambda f: pickle.dump(self.enc, f))}
         token_bytes = torch.tensor(self.token_byte_lengths(), dtype=torch.int32)
         records[TOKEN_BYTES_FILE] = write_recorded(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
-        atomic_write(os.path.join(tokenizer_dir, MANIFEST_FILE), lambda f: json.dump(records, f, indent=2), mode="w")
+        atomic_write(os.path.join(tokenizer_dir, MANIFEST), lambda f: json.dump(records, f, indent=2), mode="w")
         return pkl_path
-
-
-def read_manifest(tokenizer_dir):
-    """{file name: {"size", "crc32"}} written by save(), or {} for a folder saved without one."""
-    path = os.path.join(tokenizer_dir, MANIFEST_FILE)
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-        if all(isinstance(r, dict) and {"size", "crc32"} <= r.keys() for r in records.values()):
-            return records
-        problem = "it does not hold a record (size, crc32) per file"
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        problem = f"it is not valid JSON ({e})"
-    raise DamagedFileError(path, problem, REBUILD_HINT)
 
 
 def chat_messages(conversation):
@@ -316,9 +297,7 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no token byte counts at {path}: train a tokenizer with `python -m scripts.tok_train`")
-    records = read_manifest(get_tokenizer_dir())
-    if TOKEN_BYTES_FILE in records:
-        verify_file(path, records[TOKEN_BYTES_FILE], REBUILD_HINT)
+    verify_in_manifest(path, REBUILD_HINT)
     try:
         token_bytes = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, ValueError) as e:

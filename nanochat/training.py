@@ -14,8 +14,10 @@ import json
 import os
 import random
 import signal
+import time
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import atomic_write, print0
 
@@ -90,18 +92,38 @@ class StepLog:
 
 class StopRequest:
     """
-    Ctrl-C / SIGTERM set .requested instead of killing the process; the training loop finishes its step,
-    saves and exits. A second signal of the same kind stops at once (the default handler is back).
+    Ctrl-C / SIGTERM set .requested instead of killing the process; the training loop finishes its step
+    (or the evaluation task in progress), saves and exits. A second signal more than a few seconds after
+    the first stops at once. One that comes sooner is taken for the first one passed on by a launcher:
+    under torchrun a Ctrl-C reaches the workers from the terminal and then again from torchrun.
     """
+
+    ECHO_SECONDS = 3.0
 
     def __init__(self):
         self.requested = False
+        self.first_signal_time = None
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True  # acted on after the current step (printing here could interrupt another print)
-        signal.signal(signum, signal.SIG_DFL)
+        now = time.monotonic()
+        if self.first_signal_time is None:
+            self.requested = True  # acted on between steps (printing here could interrupt another print)
+            self.first_signal_time = now
+        elif now - self.first_signal_time > self.ECHO_SECONDS:
+            signal.signal(signum, signal.SIG_DFL)  # asked twice: stop now
+            os.kill(os.getpid(), signum)
+
+    def anywhere(self, device):
+        """
+        Whether any rank was asked to stop. A collective under torchrun: every rank must call it at the same
+        point (before an evaluation, between its tasks), so that all of them stop there together.
+        """
+        flag = torch.tensor(float(self.requested), device=device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag)
+        return flag.item() > 0
 
 
 def muon_momentum(step):

@@ -11,6 +11,7 @@ conversations). Every source can be pointed elsewhere, e.g. at a local copy for 
 import os
 
 from nanochat.common import get_base_dir, download_file_with_lock, is_not_found, atomic_write
+from nanochat.integrity import DamagedFileError, add_to_manifest, file_record, verify_in_manifest
 
 HUB_PARQUET_URL = "https://huggingface.co/datasets/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{shard}"
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
@@ -25,6 +26,11 @@ def shard_url(repo, config, split, shard):
     return HUB_PARQUET_URL.format(repo=repo, config=config, split=split, shard=shard)
 
 
+def record_download(path):
+    """Note a fresh download's size and checksum in its folder's manifest, so later damage is caught on use."""
+    add_to_manifest(os.path.dirname(path), {os.path.basename(path): file_record(path)})
+
+
 def check_parquet(path):
     """A download that is not readable parquet (a truncated file, an HTML error page) is removed, not kept."""
     import pyarrow.parquet as pq
@@ -33,6 +39,17 @@ def check_parquet(path):
     except Exception as e:
         os.remove(path)
         raise ValueError(f"downloaded {path} is not a readable parquet file ({e}); removed it, run again to retry") from e
+    record_download(path)
+
+
+def redownload_hint(path):
+    return f"Delete it (rm {path}) and run the same command again: it is downloaded again."
+
+
+def verify_download(path):
+    """A downloaded file as it arrived (DamagedFileError naming it and the fix otherwise)."""
+    verify_in_manifest(path, redownload_hint(path))
+    return path
 
 
 def download_split(repo, config, split):
@@ -42,9 +59,10 @@ def download_split(repo, config, split):
     """
     folder = os.path.join("task_data", repo, config, split)
     shard_list = os.path.join(get_base_dir(), folder, SHARD_LIST)
-    if os.path.exists(shard_list):
+    if os.path.exists(shard_list):  # every shard was here once; one deleted since (e.g. damaged) comes again
         with open(shard_list) as f:
-            return [os.path.join(get_base_dir(), folder, name) for name in f.read().split()]
+            return [download_file_with_lock(shard_url(repo, config, split, name), os.path.join(folder, name),
+                                            postprocess_fn=check_parquet) for name in f.read().split()]
     paths = []
     while True:
         shard = f"{len(paths):04d}.parquet"
@@ -67,15 +85,34 @@ def load_split(repo, config, split):
     hub: the export keeps the hub's row order, so index i here is the reference's index i.
     """
     from datasets import load_dataset
-    files = download_split(repo, config, split)
+    files = [verify_download(path) for path in download_split(repo, config, split)]
     cache_dir = os.path.join(get_base_dir(), "task_data", "arrow_cache")  # datasets' own cache, kept next to the data
-    return load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir).shuffle(seed=42)
+    try:
+        return load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir).shuffle(seed=42)
+    except Exception as e:  # a file without a record (downloaded before records existed) that cannot be read
+        unreadable = [path for path in files if not _readable_parquet(path)]
+        if not unreadable:
+            raise
+        raise DamagedFileError(unreadable[0], f"it is not readable parquet ({type(e).__name__})",
+                               redownload_hint(unreadable[0])) from None
+
+
+def _readable_parquet(path):
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+        for i in range(pf.num_row_groups):
+            pf.read_row_group(i)
+        return True
+    except Exception:
+        return False
 
 
 def download_task_file(env_var, default_url, filename):
     """A plain file (word list, identity conversations) from $env_var or default_url, into <base>/task_data/."""
     url = os.environ.get(env_var) or default_url
     try:
-        return download_file_with_lock(url, os.path.join("task_data", filename))
+        path = download_file_with_lock(url, os.path.join("task_data", filename), postprocess_fn=record_download)
     except Exception as e:
         raise RuntimeError(f"could not get {filename} from {url}: {e}. Offline? Set {env_var} to a local copy.") from e
+    return verify_download(path)

@@ -190,3 +190,25 @@ def test_checkpoints_without_records_still_load(checkpoints):
     truncate(checkpoints / "model_000010.pt")
     expect_damaged(lambda: load_checkpoint(str(checkpoints), 10, "cpu"), checkpoints / "model_000010.pt",
                    "load it with --step=5")
+
+
+# ---------------------------------------------------------------------------------------------
+# downloaded task data (tasks/): recorded when downloaded, checked when read
+
+from test_tasks import hub  # noqa: E402,F401  (the served hub-style folder, as a fixture)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_task_data_is_named_and_comes_back_once_deleted(hub, base_dir, damage):
+    from tasks.arc import ARC
+    from tasks.spellingbee import SpellingBee
+    examples = [ARC("ARC-Easy", "train")[i] for i in range(5)]
+    words = SpellingBee(size=5)[0]
+    for path, load in ((base_dir / "task_data/allenai/ai2_arc/ARC-Easy/train/0000.parquet", lambda: ARC("ARC-Easy", "train")),
+                       (base_dir / "task_data/words_alpha.txt", lambda: SpellingBee(size=5))):
+        DAMAGES[damage](path)
+        before = snapshot(base_dir)
+        expect_damaged(load, path, f"rm {path}")
+        assert snapshot(base_dir) == before
+        os.remove(path)  # what the message says to do
+    assert [ARC("ARC-Easy", "train")[i] for i in range(5)] == examples and SpellingBee(size=5)[0] == words
