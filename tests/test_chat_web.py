@@ -28,30 +28,33 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(chat_base_dir, tmp_path_factory):
-    """(host, port) of a chat_web server on a free port, for the whole module."""
+def start_server(base_dir, source, log_path):
+    """A chat_web process serving `source` on a free port; returns (process, (host, port)) once it answers."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("chat_web") / "server.log"
-    env = {**os.environ, "NANOCHAT_BASE_DIR": chat_base_dir, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "-i", "base", "-d", "float32",
+        proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "-i", source, "-d", "float32",
                                  "--device-type", "cpu", "--port", str(port)],
                                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, f"chat_web exited:\n{log_path.read_text()}"
-            assert time.time() < deadline, f"chat_web did not come up:\n{log_path.read_text()}"
-            try:
-                if get_json(("127.0.0.1", port), "/health")["status"] == "ok":
-                    break
-            except OSError:
-                time.sleep(0.2)
-        yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    deadline = time.time() + 300
+    while True:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"chat_web did not come up:\n{log_path.read_text()}")
+        try:
+            if get_json(("127.0.0.1", port), "/health")["status"] == "ok":
+                return proc, ("127.0.0.1", port)
+        except OSError:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(chat_base_dir, tmp_path_factory):
+    """(host, port) of a chat_web server of the word-salad base model, for the whole module."""
+    proc, address = start_server(chat_base_dir, "base", tmp_path_factory.mktemp("chat_web") / "server.log")
+    yield address
+    proc.terminate()
+    proc.wait(timeout=60)
 
 
 def get_json(server, path):
@@ -117,6 +120,21 @@ def test_streamed_answer_and_page(server):
     conn.close()
     assert response.status == 200 and "<title>nanochat</title>" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # self-contained: nothing fetched from elsewhere
+
+
+def test_calculator_call_streams_and_comes_back(chat_base_dir, tmp_path):
+    # the sft model of chat_base_dir answers every question with the calculator call 12*7
+    proc, sft_server = start_server(chat_base_dir, "sft", tmp_path / "server.log")
+    try:
+        expected = "<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>"
+        answer = "".join(chat(sft_server, {"messages": QUESTION, "temperature": 0.0}))
+        assert answer == expected
+        # the answer, sent back as streamed, is taken (test_chat checks it renders back to the same tokens)
+        follow_up = QUESTION + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Again?"}]
+        assert "".join(chat(sft_server, {"messages": follow_up, "temperature": 0.0})) == expected
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def turns(n, chars):
