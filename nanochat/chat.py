@@ -29,7 +29,7 @@ class TextStream:
     """
     Token ids in, text out, as they are generated. A character whose UTF-8 bytes are split over
     several tokens is held back until its last byte arrives, so no piece ends in a broken character;
-    the pieces joined equal tokenizer.decode of all the ids. Tool tokens come out as their names.
+    the pieces and finish() joined equal tokenizer.decode of all the ids (tool tokens give their names).
     """
 
     def __init__(self, tokenizer):

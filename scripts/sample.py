@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from nanochat import hardware
+from nanochat.chat import TextStream
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autodetect_device_type, compute_init, compute_cleanup, get_base_dir
 from nanochat.configurator import configure
@@ -39,26 +40,6 @@ device_type = ""  # cuda|cpu|mps (empty = autodetect)
 dtype = "auto"  # auto|float32|bfloat16: auto uses bf16 autocast where it was measured to be faster
 configure(globals(), __file__)
 # -----------------------------------------------------------------------------
-
-
-class TextStream:
-    """Prints the decoded text of a growing token list, holding back an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens = []
-        self.printed = 0  # characters of the decoded text already printed
-
-    def add(self, token):
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):
-            return  # a multi-byte character split across tokens: wait for its other bytes
-        print(text[self.printed:], end="", flush=True)
-        self.printed = len(text)
-
-    def finish(self):
-        print(self.tokenizer.decode(self.tokens)[self.printed:], flush=True)
 
 
 device_kind = device_type or autodetect_device_type()
@@ -89,7 +70,7 @@ prompt_tokens = tokenizer(prompt, prepend=bos)
 engine = Engine(model, tokenizer)
 samples = [[] for _ in range(num_samples)]
 done = [False] * num_samples
-live = TextStream(tokenizer)
+live = TextStream(tokenizer)  # holds back a character until all its bytes have come
 if num_samples > 1:
     print(f"--- sample 1/{num_samples} ---")
 print(prompt, end="", flush=True)
@@ -105,8 +86,8 @@ with autocast_ctx:
                 continue
             samples[i].append(token)
             if i == 0:
-                live.add(token)
-live.finish()
+                print(live.add(token), end="", flush=True)
+print(live.finish(), flush=True)
 for i in range(1, num_samples):
     print(f"--- sample {i + 1}/{num_samples} ---")
     print(prompt + tokenizer.decode(samples[i]))
