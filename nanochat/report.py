@@ -31,9 +31,17 @@ PIPELINE_SECTIONS = [
     "Base model training",
     "Base model loss",
     "Base model evaluation",
+    "Midtraining",
+    "Chat evaluation mid",
+    "Chat SFT",
+    "Chat evaluation sft",
 ]
 IMAGE_DIR = "@@IMAGE_DIR@@"  # replaced by the image folder relative to each copy of report.md
 PLOTS = [("train_loss.png", "loss", "train loss"), ("val_bpb.png", "val_bpb", "val bpb")]
+# the chat phases: (section, checkpoint folder, file prefix, evaluation key in log.jsonl, its label)
+CHAT_PHASES = [("Midtraining", "mid_checkpoints", "mid", "val_bpb", "val bpb (validation mixture)"),
+               ("Chat SFT", "chatsft_checkpoints", "sft", "val_loss", "val loss (SmolTalk test)")]
+CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]  # the reference's table
 
 
 def slugify(name):
@@ -161,8 +169,8 @@ def find_item(items, *patterns):
     return None
 
 
-def read_training_log(path):
-    """Training steps and eval points from log.jsonl; the last line for a step wins (resumed runs)."""
+def read_training_log(path, eval_key="val_bpb"):
+    """Training steps and eval points (those with eval_key) from log.jsonl; the last line for a step wins (resumed runs)."""
     train, evals = {}, {}
     with open(path) as f:
         for line in f:
@@ -174,7 +182,7 @@ def read_training_log(path):
                 continue
             if "loss" in record:
                 train[record["step"]] = record
-            if "val_bpb" in record:
+            if eval_key in record:
                 evals[record["step"]] = record
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
@@ -253,6 +261,43 @@ def core_table(base_dir, eval_items):
         if len(row) == 3:
             task, accuracy, centered = row
             lines.append(f"| **{task}** | | **{centered}** |" if task == "CORE" else f"| {task} | {accuracy} | {centered} |")
+    return "\n".join(lines)
+
+
+def chat_phase_curves(report_dir, base_dir, section, items):
+    """Markdown with the train loss and evaluation plots of a chat phase (mid or SFT), from its log.jsonl."""
+    _, folder, prefix, eval_key, eval_label = next(p for p in CHAT_PHASES if p[0] == section)
+    tag = items.get("Model tag")
+    path = os.path.join(base_dir, folder, tag or "", "log.jsonl")
+    if not tag or not os.path.exists(path):
+        paths = glob.glob(os.path.join(base_dir, folder, "*", "log.jsonl"))
+        if not paths:
+            return ""
+        path = max(paths, key=os.path.getmtime)
+    train, evals = read_training_log(path, eval_key)
+    lines = [f"{section} curves (`{os.path.relpath(path, base_dir)}`):", ""]
+    for file_name, points, key, label in ((f"{prefix}_train_loss.png", train, "loss", "train loss"),
+                                          (f"{prefix}_{eval_key}.png", evals, eval_key, eval_label)):
+        points = [r for r in points if isinstance(r.get(key), (int, float))]
+        if points:
+            save_plot(os.path.join(report_dir, file_name), [r["step"] for r in points], [r[key] for r in points],
+                      label, f"{section}: {label} vs step")
+            lines += [f"![{section} {label}]({IMAGE_DIR}/{file_name})", ""]
+    return "\n".join(lines)
+
+
+def phase_table(items_of):
+    """The reference's table: CORE of the base model, then the chat metrics of the midtrained and SFT models."""
+    columns = [items_of.get("base-model-evaluation", {}), items_of.get("chat-evaluation-mid", {}),
+               items_of.get("chat-evaluation-sft", {})]
+    if not columns[1] and not columns[2]:
+        return ""
+    lines = ["| Metric | BASE | MID | SFT |", "|---|---|---|---|"]
+    for metric in ["CORE", *CHAT_METRICS]:
+        key = "CORE metric" if metric == "CORE" else metric
+        cells = [columns[0].get(key) if metric == "CORE" else None] + [c.get(key) if metric != "CORE" else None
+                                                                          for c in columns[1:]]
+        lines.append(f"| {metric} | " + " | ".join(cell if cell is not None else "-" for cell in cells) + " |")
     return "\n".join(lines)
 
 
@@ -340,6 +385,9 @@ class Report:
         }
         summary_lines = ["## Summary", "", "| Metric | Value |", "|---|---|"]
         summary_lines += [f"| {k} | {v} |" for k, v in summary.items() if v is not None]
+        phases = phase_table(items_of)
+        if phases:
+            summary_lines += ["", phases]
         # The run ends with its last section (so regenerating the report later does not stretch it).
         now = datetime.datetime.now()
         end = max([s[1] for s in sections if s[1] is not None], default=now)
@@ -356,6 +404,10 @@ class Report:
                 table = core_table(base_dir, items)
                 if table:
                     parts.append(table + "\n")
+            if name in [p[0] for p in CHAT_PHASES]:
+                phase_curves = chat_phase_curves(self.report_dir, base_dir, name, items)
+                if phase_curves:
+                    parts.append(phase_curves + "\n")
             if slugify(name) == "base-model-training":
                 parts.append(curves + "\n")
                 curves_placed = True
@@ -370,7 +422,7 @@ class Report:
         print(f"Report written to {report_path}")
         if os.path.abspath(os.getcwd()) != base_dir:
             # The copy in the current directory takes its images along in report_files/.
-            images = [p for p, _, _ in PLOTS if os.path.exists(os.path.join(self.report_dir, p))]
+            images = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.report_dir, "*.png")))
             if images:
                 os.makedirs("report_files", exist_ok=True)
                 for image in images:

@@ -341,6 +341,7 @@ if not interrupted:
     get_report().log(section="Chat SFT", data=[
         user_config,
         {
+            "Model tag": model_tag,
             "Source model": f"{source} {model_tag} step {source_meta['step']}",
             "Training rows": len(train_dataset),
             "Number of iterations": num_iterations,

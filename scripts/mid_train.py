@@ -358,6 +358,7 @@ if not interrupted:
     get_report().log(section="Midtraining", data=[
         user_config,
         {
+            "Model tag": model_tag,
             "Base model": f"{model_tag} step {source_meta['step']}",
             "Training conversations": len(train_dataset),
             "Number of iterations": step,

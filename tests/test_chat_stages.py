@@ -12,10 +12,10 @@ import runpy
 import signal
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+
+from dev.toy_task_data import WORDS, write_task_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
@@ -23,58 +23,6 @@ MID = ["--device_type=cpu", "--dtype=float32", "--compile=false", "--max_seq_len
        "--total_batch_size=64", "--num_iterations=6", "--eval_every=3", "--eval_tokens=128"]
 SFT = ["--device_type=cpu", "--dtype=float32", "--num_iterations=6", "--device_batch_size=2", "--target_examples_per_step=4",
        "--max_seq_len=48", "--eval_every=3", "--eval_steps=2", "--eval_metrics_every=3", "--eval_metrics_max_problems=4"]
-WORDS = ["apple", "river", "stone", "cloud", "seven", "tiger", "lemon", "house", "green", "paper", "music", "bread"]
-
-
-def write_parquet(root, repo, config, split, rows):
-    path = os.path.join(root, repo, config, split, "0000.parquet")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-
-
-def write_task_data(root, rng):
-    """Tiny versions of every set the chat stages read, with the hub's columns."""
-    def sentence(n):
-        return " ".join(rng.choice(WORDS) for _ in range(n))
-
-    for subset in ("ARC-Easy", "ARC-Challenge"):
-        for split, n in (("train", 12), ("validation", 4), ("test", 8)):
-            write_parquet(root, "allenai/ai2_arc", subset, split, [
-                {"id": f"{subset}-{split}-{i}", "question": sentence(5) + "?",
-                 "choices": {"text": [sentence(2) for _ in range(4)], "label": ["A", "B", "C", "D"]},
-                 "answerKey": rng.choice("ABCD")} for i in range(n)])
-    mmlu_row = lambda: {"question": sentence(6) + "?", "subject": "toy", "choices": [sentence(2) for _ in range(4)],
-                        "answer": rng.randint(0, 3)}
-    write_parquet(root, "cais/mmlu", "all", "test", [mmlu_row() for _ in range(10)])
-    write_parquet(root, "cais/mmlu", "all", "dev", [mmlu_row() for _ in range(4)])
-    write_parquet(root, "cais/mmlu", "auxiliary_train", "train", [{"train": mmlu_row()} for _ in range(12)])
-
-    def gsm8k_row():
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
-        return {"question": f"{sentence(4)} {a} and {b}?", "answer": f"{sentence(3)} <<{a}*{b}={a * b}>>{a * b}.\n#### {a * b}"}
-    for split, n in (("train", 12), ("test", 6)):
-        write_parquet(root, "openai/gsm8k", "main", split, [gsm8k_row() for _ in range(n)])
-    write_parquet(root, "openai/openai_humaneval", "openai_humaneval", "test", [
-        {"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    \"\"\"{sentence(3)}\"\"\"\n",
-         "canonical_solution": f"    return x + {i}\n", "test": f"def check(candidate):\n    assert candidate(1) == {1 + i}\n",
-         "entry_point": f"f{i}"} for i in range(4)])
-
-    def smoltalk_row():
-        messages = []
-        if rng.random() < 0.3:
-            messages.append({"content": sentence(4), "role": "system"})
-        for _ in range(rng.randint(1, 3)):
-            messages += [{"content": sentence(rng.randint(3, 9)), "role": "user"},
-                         {"content": sentence(rng.randint(3, 12)), "role": "assistant"}]
-        return {"messages": messages, "source": "toy"}
-    for split, n in (("train", 20), ("test", 8)):
-        write_parquet(root, "HuggingFaceTB/smol-smoltalk", "default", split, [smoltalk_row() for _ in range(n)])
-    with open(os.path.join(root, "words_alpha.txt"), "w") as f:
-        f.write("\n".join(WORDS + [w + "s" for w in WORDS]) + "\n")
-    with open(os.path.join(root, "identity_conversations.jsonl"), "w") as f:
-        for _ in range(6):
-            f.write(json.dumps([{"role": "user", "content": "who are you?"},
-                                {"role": "assistant", "content": "I am nanochat, " + sentence(4)}]) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -232,11 +180,11 @@ def test_chat_sft_ctrl_c_then_resume_is_exact(base_dir, sft_run, monkeypatch):
 
 
 def test_chat_eval_scores_every_task_and_reports(base_dir, sft_run, capsys):
-    assert run_script("scripts.chat_eval", ["-i", "sft", "-g", "d1", "-x", "3", "-m", "8", "--device_type=cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "ChatCORE:" in out
+    tasks = "ARC-Easy|ARC-Challenge|MMLU|GSM8K|SpellingBee"  # HumanEval comes with nanochat/execution.py
+    assert run_script("scripts.chat_eval", ["-i", "sft", "-g", "d1", "-a", tasks, "-x", "3", "-m", "8", "--device_type=cpu"]) == 0
     section = open(os.path.join(base_dir, "report", "chat-evaluation-sft.md")).read()
-    for task in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"):
+    for task in tasks.split("|"):
         assert f"- {task}: " in section
+    assert "ChatCORE" not in section  # only with all six tasks
     assert "| Task | Accuracy |" in section
     assert run_script("scripts.chat_eval", ["-i", "sft", "-a", "ARC-Easy|NoSuchTask"]) == 1

@@ -181,3 +181,34 @@ def test_dummy_report_on_other_ranks(base, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert isinstance(get_report(), Report)
+
+
+def test_chat_phases_table_and_curves(base):
+    """The BASE/MID/SFT table in the summary, read by key from each stage's section, and the mid/SFT curves."""
+    report = get_report()
+    report.reset()
+    report.log("Base model evaluation", [{"CORE metric": 0.2215}])
+    chat_results = {"mid": [0.35, 0.28, 0.31, 0.02, 0.06, 0.9], "sft": [0.38, 0.3, 0.32, 0.05, 0.07, 0.95]}
+    for phase, values in chat_results.items():
+        accuracies = dict(zip(["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"], values))
+        report.log(f"Chat evaluation {phase}", [{"source": phase, "task_name": ""}, accuracies, {"ChatCORE": 0.1 + len(phase) / 100}])
+    for section, folder, eval_key in (("Midtraining", "mid_checkpoints", "val_bpb"), ("Chat SFT", "chatsft_checkpoints", "val_loss")):
+        (base / folder / "d2").mkdir(parents=True)
+        with open(base / folder / "d2" / "log.jsonl", "w") as f:
+            for step in range(4):
+                f.write(json.dumps({"step": step, "loss": 2.0 - 0.1 * step, "dt": 0.1}) + "\n")
+            f.write(json.dumps({"step": 4, eval_key: 1.5}) + "\n")
+        report.log(section, [{"Model tag": "d2"}])
+    text = open(report.generate(), encoding="utf-8").read()
+    summary = text[text.index("## Summary"):]
+    assert "| Metric | BASE | MID | SFT |" in summary
+    assert "| CORE | 0.2215 | - | - |" in summary
+    assert "| ARC-Easy | - | 0.3500 | 0.3800 |" in summary
+    assert "| HumanEval | - | 0.0600 | 0.0700 |" in summary
+    assert "| ChatCORE | - | 0.1300 | 0.1300 |" in summary
+    assert "SpellingBee" not in summary  # in ChatCORE, not in the reference's table
+    for image in ("mid_train_loss.png", "mid_val_bpb.png", "sft_train_loss.png", "sft_val_loss.png"):
+        assert (base / "report" / image).exists() and f"](report/{image})" in text
+        assert os.path.exists(os.path.join("report_files", image))  # copied beside ./report.md
+    assert text.index("## Midtraining") < text.index("mid_train_loss.png") < text.index("## Chat evaluation mid") \
+        < text.index("## Chat SFT") < text.index("sft_train_loss.png") < text.index("## Chat evaluation sft")
