@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reference run: a depth-20 GPT (~560M parameters) pretrained on an 8xGPU node (about 3 hours
-# of pretraining on 8xH100), then evaluated, with a report card at the end.
+# of pretraining on 8xH100), evaluated, midtrained and fine-tuned into a chat model, with a report card at the end.
 #
 #   bash speedrun.sh
 #   WANDB_RUN=d20 NPROC_PER_NODE=8 screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
@@ -71,6 +71,24 @@ stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" \
 LAST_STEP=$(printf %06d "$(last_checkpoint_step)")
 stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$LAST_STEP.csv" \
     torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_eval -- --model_tag="$MODEL_TAG"
+
+# Midtraining (about 10 minutes on 8xH100): one epoch of ~850K conversations packed like pretraining data,
+# teaching the chat special tokens, multiple choice, calculator use and spelling; identity conversations
+# (who the model is) are part of the mixture. Then the six chat tasks and ChatCORE.
+stage "identity conversations" "$BASE_DIR/task_data/identity_conversations.jsonl" \
+    python -c "from tasks.customjson import identity_conversations_path; print(identity_conversations_path())"
+resumable_stage "midtraining" mid_checkpoints "$BASE_DIR/report/midtraining.md" \
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.mid_train -- \
+        --run="$WANDB_RUN" --model_tag="$MODEL_TAG"
+stage "chat evaluation (mid)" "$BASE_DIR/report/chat-evaluation-mid.md" \
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.chat_eval -- -i mid -g "$MODEL_TAG"
+
+# Supervised fine-tuning: one conversation per row, loss on the assistant's tokens only; then the same evaluation.
+resumable_stage "SFT" chatsft_checkpoints "$BASE_DIR/report/chat-sft.md" \
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.chat_sft -- \
+        --run="$WANDB_RUN" --model_tag="$MODEL_TAG"
+stage "chat evaluation (sft)" "$BASE_DIR/report/chat-evaluation-sft.md" \
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.chat_eval -- -i sft -g "$MODEL_TAG"
 
 # The report card: <base>/report.md, copied (with its plots) into the directory this was run from.
 STAGE="report"

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The whole pipeline on a laptop CPU, about 15 minutes on 2 cores:
-# data -> tokenizer -> pretraining a tiny model -> val bpb and samples -> CORE -> report.md.
+# The whole pipeline on a laptop CPU, about 20 minutes on 2 cores: data -> tokenizer -> pretraining a tiny
+# model -> val bpb and samples -> CORE -> midtraining -> chat eval -> SFT -> chat eval -> report.md.
 # The model is far too small to be good; the point is to see every stage run and read its report.
 #
 #   bash runs/runcpu.sh
 #   NANOCHAT_DATA_URL=file://$PWD/../shared/data/corpus NANOCHAT_DATA_MAX_SHARD=10 \
-#   NANOCHAT_EVAL_BUNDLE_URL=file://$PWD/../shared/data/eval_bundle.zip bash runs/runcpu.sh
+#   NANOCHAT_EVAL_BUNDLE_URL=file://$PWD/../shared/data/eval_bundle.zip \
+#   NANOCHAT_TASKS_URL=file://$PWD/../shared/data/tasks \
+#   NANOCHAT_WORDS_URL=file://$PWD/../shared/data/tasks/words_alpha.txt \
+#   NANOCHAT_IDENTITY_URL=file://$PWD/../shared/data/tasks/identity_conversations.jsonl bash runs/runcpu.sh
+#   (fully offline; some chat sets there are stand-ins, see ../shared/README.md)
 #
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); report.md is also copied into the
 # directory you run this from. Re-running skips the stages whose outputs exist: delete the base dir
@@ -31,6 +35,11 @@ STEPS=${NANOCHAT_RUNCPU_STEPS:-800}
 EVAL_EVERY=${NANOCHAT_RUNCPU_EVAL_EVERY:-100}               # val bpb during training
 EVAL_TOKENS=${NANOCHAT_RUNCPU_EVAL_TOKENS:-32768}           # per val bpb measurement
 CORE_MAX_PER_TASK=${NANOCHAT_RUNCPU_CORE_MAX_PER_TASK:-24}  # examples per CORE task (more than the 10 few-shot ones)
+MID_STEPS=${NANOCHAT_RUNCPU_MID_STEPS:-40}                  # midtraining steps (TOTAL_BATCH tokens each)
+SFT_STEPS=${NANOCHAT_RUNCPU_SFT_STEPS:-40}                  # SFT steps (SFT_EXAMPLES conversations each)
+SFT_EXAMPLES=${NANOCHAT_RUNCPU_SFT_EXAMPLES:-8}             # conversations per SFT step
+CHAT_PROBLEMS=${NANOCHAT_RUNCPU_CHAT_PROBLEMS:-24}          # problems per chat_eval task
+CHAT_MAX_TOKENS=${NANOCHAT_RUNCPU_CHAT_MAX_TOKENS:-128}     # longest answer in the generative tasks
 MODEL_TAG="d${DEPTH}"
 # Threads that wait for work sleep instead of spinning: with anything else running on the machine,
 # spinning threads made training ~3x slower here (2.1 s vs 6.1 s per step with other jobs running).
@@ -76,9 +85,26 @@ stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" \
 stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$(printf %06d "$STEPS").csv" \
     python -m scripts.base_eval --model_tag="$MODEL_TAG" --max_per_task="$CORE_MAX_PER_TASK"
 
-# A few samples of the final model, streamed (the report holds base_loss's greedy ones).
+# A few samples of the base model, streamed (the report holds base_loss's greedy ones).
 STAGE="samples"
 python -m scripts.sample --model_tag="$MODEL_TAG" --prompt="The capital of France is" --num_samples=3 --max_tokens=32
+
+# Midtraining: the conversation format, multiple choice, the calculator and spelling, on the same packed
+# stream as pretraining; then the chat evaluation (a few problems per task).
+resumable_stage "midtraining" mid_checkpoints "$BASE_DIR/report/midtraining.md" \
+    python -m scripts.mid_train --model_tag="$MODEL_TAG" --max_seq_len="$SEQ_LEN" \
+        --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH" --num_iterations="$MID_STEPS" \
+        --eval_every="$EVAL_EVERY" --eval_tokens="$EVAL_TOKENS"
+stage "chat evaluation (mid)" "$BASE_DIR/report/chat-evaluation-mid.md" \
+    python -m scripts.chat_eval -i mid -g "$MODEL_TAG" -x "$CHAT_PROBLEMS" -m "$CHAT_MAX_TOKENS"
+
+# SFT: one conversation per row, loss on the assistant's tokens only; then the same evaluation.
+resumable_stage "SFT" chatsft_checkpoints "$BASE_DIR/report/chat-sft.md" \
+    python -m scripts.chat_sft --model_tag="$MODEL_TAG" --num_iterations="$SFT_STEPS" \
+        --device_batch_size="$((SFT_EXAMPLES / 2))" --target_examples_per_step="$SFT_EXAMPLES" --max_seq_len="$SEQ_LEN" \
+        --eval_every="$EVAL_EVERY" --eval_steps=8 --eval_metrics_every=-1 --eval_metrics_max_problems="$CHAT_PROBLEMS"
+stage "chat evaluation (sft)" "$BASE_DIR/report/chat-evaluation-sft.md" \
+    python -m scripts.chat_eval -i sft -g "$MODEL_TAG" -x "$CHAT_PROBLEMS" -m "$CHAT_MAX_TOKENS"
 
 # The report card: <base>/report.md, copied (with its plots) into the directory this was run from.
 STAGE="report"

@@ -1,6 +1,6 @@
 # Sourced by the pipeline scripts (runs/runcpu.sh, speedrun.sh) after setup_env.sh, with the script's
 # name as argument: sets BASE_DIR, names the failing stage on error, and defines `stage`,
-# `last_checkpoint_step` and `print_chat_commands` (which read MODEL_TAG).
+# `last_checkpoint_step`, `resumable_stage` and `print_chat_commands` (which read MODEL_TAG).
 PIPELINE_NAME=$1
 STAGE="setup"
 trap 'echo "$PIPELINE_NAME: stage \"$STAGE\" failed (see the messages above). Fix it and re-run: finished stages are skipped." >&2' ERR
@@ -17,10 +17,34 @@ stage() {
     fi
 }
 
-# The last step of $MODEL_TAG with a complete checkpoint, or -1 when there is none.
+# The last step of $MODEL_TAG with a complete checkpoint in FOLDER (default base_checkpoints), or -1 when there is none.
 last_checkpoint_step() {
     python -c "import sys; from nanochat.checkpoint_manager import list_steps; steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" \
-        "$BASE_DIR/base_checkpoints/$MODEL_TAG"
+        "$BASE_DIR/${1:-base_checkpoints}/$MODEL_TAG"
+}
+
+# resumable_stage NAME FOLDER DONE_FILE COMMAND...: a training stage (mid_train, chat_sft). Skipped once DONE_FILE
+# (its report section, written when the run reaches its end) exists; a run stopped early (Ctrl-C and SIGTERM save a
+# checkpoint) continues from the last checkpoint of $MODEL_TAG in FOLDER with --resume_from_step.
+resumable_stage() {
+    STAGE=$1; local folder=$2 done_file=$3; shift 3
+    if [ -e "$done_file" ]; then
+        echo "[skip] $STAGE: ${done_file#"$BASE_DIR"/} exists"
+        return
+    fi
+    local last
+    last=$(last_checkpoint_step "$folder")
+    if [ "$last" -ge 0 ]; then
+        echo "[run] $STAGE (resuming from step $last)"
+        "$@" --resume_from_step="$last"
+    else
+        echo "[run] $STAGE"
+        "$@"
+    fi
+    if [ ! -e "$done_file" ]; then
+        echo "$PIPELINE_NAME: $STAGE stopped at step $(last_checkpoint_step "$folder") before its end; run $PIPELINE_NAME again to resume it." >&2
+        exit 1
+    fi
 }
 
 # The closing lines of a pipeline: how to talk to the model of $MODEL_TAG it trained, from its latest

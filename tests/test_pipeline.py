@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from conftest import write_text_parquet
+from dev.toy_task_data import write_task_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN_SHARDS = 3  # shards 0..2 train, shard 3 validation
@@ -32,9 +33,15 @@ TOY_SIZES = {
     "NANOCHAT_RUNCPU_EVAL_EVERY": "2",
     "NANOCHAT_RUNCPU_EVAL_TOKENS": "256",
     "NANOCHAT_RUNCPU_CORE_MAX_PER_TASK": "4",
+    "NANOCHAT_RUNCPU_MID_STEPS": "3",
+    "NANOCHAT_RUNCPU_SFT_STEPS": "2",
+    "NANOCHAT_RUNCPU_SFT_EXAMPLES": "4",
+    "NANOCHAT_RUNCPU_CHAT_PROBLEMS": "2",
+    "NANOCHAT_RUNCPU_CHAT_MAX_TOKENS": "4",
 }
 SECTIONS = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Training curves",
-            "Base model loss", "Base model evaluation", "Summary"]
+            "Base model loss", "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT",
+            "Chat evaluation sft", "Summary"]
 
 
 def make_words(rng, n):
@@ -86,11 +93,12 @@ def write_eval_bundle(path, rng, words):
 
 @pytest.fixture
 def served(file_server):
-    """Corpus and eval bundle, generated and served on 127.0.0.1 (conftest's file server)."""
+    """Corpus, eval bundle and chat task data, generated and served on 127.0.0.1 (conftest's file server)."""
     rng = random.Random(0)
     words = make_words(rng, 300)
     write_corpus(os.path.join(file_server.root, "corpus"), rng, words)
     write_eval_bundle(os.path.join(file_server.root, "eval_bundle.zip"), rng, words)
+    write_task_data(os.path.join(file_server.root, "tasks"), rng)
     return file_server.url
 
 
@@ -114,6 +122,9 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
         "NANOCHAT_DATA_URL": f"{served}/corpus",
         "NANOCHAT_DATA_MAX_SHARD": str(NUM_TRAIN_SHARDS),
         "NANOCHAT_EVAL_BUNDLE_URL": f"{served}/eval_bundle.zip",
+        "NANOCHAT_TASKS_URL": f"{served}/tasks",
+        "NANOCHAT_WORDS_URL": f"{served}/tasks/words_alpha.txt",
+        "NANOCHAT_IDENTITY_URL": f"{served}/tasks/identity_conversations.jsonl",
         "WANDB_MODE": "disabled",
         # no network in tests: anything that is not the local server fails fast
         "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -131,7 +142,9 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
                  tag_dir / f"model_{STEPS:06d}.pt", tag_dir / f"meta_{STEPS:06d}.json", tag_dir / "log.jsonl",
                  base / "base_eval" / f"base_model_{STEPS:06d}.csv", base / "eval_bundle" / "core.yaml",
                  base / "report" / "train_loss.png", base / "report" / "val_bpb.png", base / "report.md",
-                 workdir / "report.md", workdir / "report_files" / "train_loss.png"]
+                 workdir / "report.md", workdir / "report_files" / "train_loss.png",
+                 base / "mid_checkpoints" / tag_dir.name / "model_000003.pt", base / "chatsft_checkpoints" / tag_dir.name / "model_000002.pt",
+                 base / "report" / "mid_train_loss.png", base / "report" / "sft_train_loss.png"]
     missing = [str(p.relative_to(tmp_path)) for p in expected if not p.exists()]
     assert not missing, f"missing outputs: {missing}"
     with open(tag_dir / "log.jsonl") as f:
@@ -148,6 +161,7 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
     assert positions == sorted(positions)
     assert "](report/train_loss.png)" in text and "](report/val_bpb.png)" in text
     assert "| CORE |" in text
+    assert "| Metric | BASE | MID | SFT |" in text and "| ChatCORE | - |" in text
     assert "Total wall time: unknown" not in text
     assert "](report_files/train_loss.png)" in (workdir / "report.md").read_text(encoding="utf-8")
 
@@ -164,7 +178,8 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
     # a second run skips every finished stage and leaves the checkpoint alone
     checkpoint_mtime = os.path.getmtime(tag_dir / f"model_{STEPS:06d}.pt")
     output = run_runcpu(env, workdir)
-    for name in ("tokenizer", "base model training", "base model evaluation (CORE)"):
+    for name in ("tokenizer", "base model training", "base model evaluation (CORE)", "midtraining",
+                 "chat evaluation (mid)", "SFT", "chat evaluation (sft)"):
         assert f"[skip] {name}:" in output
     assert os.path.getmtime(tag_dir / f"model_{STEPS:06d}.pt") == checkpoint_mtime
     assert "## Base model evaluation" in (workdir / "report.md").read_text(encoding="utf-8")
