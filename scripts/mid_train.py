@@ -334,7 +334,8 @@ while True:
     if step > 10:
         total_training_time += dt  # the first steps include compilation and warm-up
     elapsed = time.time() - run_start
-    print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
+    step_text = f"{step:05d}/{num_iterations:05d}" if num_iterations > 0 else f"{step:05d}"
+    print0(f"step {step_text} ({100 * progress:.2f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
            f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | elapsed: {format_seconds(elapsed)}")
     step_log.log({"step": step, "loss": debiased_smooth_loss, "raw_loss": train_loss, "lr_mult": lrm, "progress": progress,
                   "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "total_time": total_training_time})
