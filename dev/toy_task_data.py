@@ -50,12 +50,14 @@ def write_task_data(root, rng, long=False):
 
     def gsm8k_row():
         a, b = rng.randint(2, 20), rng.randint(2, 20)
-        return {"question": f"{sentence(4)} {a} and {b}?", "answer": f"{sentence(3)} <<{a}*{b}={a * b}>>{a * b}.\n#### {a * b}"}
+        return {"question": f"{sentence(4)} {a} and {b}?",
+                "answer": f"{sentence(3)} <<{a}*{b}={a * b}>>{a * b}.\n#### {a * b}"}
     for split, n in (("train", 12), ("test", 6)):
         write_parquet(root, "openai/gsm8k", "main", split, [gsm8k_row() for _ in range(n)])
     write_parquet(root, "openai/openai_humaneval", "openai_humaneval", "test", [
         {"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    \"\"\"{sentence(3)}\"\"\"\n",
-         "canonical_solution": f"    return x + {i}\n", "test": f"def check(candidate):\n    assert candidate(1) == {1 + i}\n",
+         "canonical_solution": f"    return x + {i}\n",
+         "test": f"def check(candidate):\n    assert candidate(1) == {1 + i}\n",
          "entry_point": f"f{i}"} for i in range(4)])
 
     def smoltalk_row():
@@ -64,7 +66,8 @@ def write_task_data(root, rng, long=False):
             messages.append({"content": sentence(4), "role": "system"})
         for _ in range(rng.randint(1, 3)):
             messages += [{"content": sentence(rng.randint(3, 9)), "role": "user"},
-                         {"content": sentence(rng.randint(100, 600) if long else rng.randint(3, 12)), "role": "assistant"}]
+                         {"content": sentence(rng.randint(100, 600) if long else rng.randint(3, 12)),
+                          "role": "assistant"}]
         return {"messages": messages, "source": "toy"}
     for split, n in (("train", 200 if long else 20), ("test", 50 if long else 8)):
         write_parquet(root, "HuggingFaceTB/smol-smoltalk", "default", split, [smoltalk_row() for _ in range(n)])

@@ -49,7 +49,7 @@ def packed_conversation_loader(dataset, tokenizer, batch_size, seq_len, device, 
     _, rank, _, world_size = get_dist_info()
     indices = _rank_indices(dataset, rank, world_size)
     start = _own_state(resume_state, rank, world_size)
-    needed = batch_size * seq_len + 1  # one more token for the last target (dropped after the batch, as in the reference)
+    needed = batch_size * seq_len + 1  # one more token for the last target (then dropped, as in the reference)
     j, offset = (start["conversation"], start["offset"]) if start else (0, 0)  # j: position in this rank's stream
     use_cuda = torch.device(device).type == "cuda"
     buffer, ids = [], []

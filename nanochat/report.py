@@ -170,7 +170,7 @@ def find_item(items, *patterns):
 
 
 def read_training_log(path, eval_key="val_bpb"):
-    """Training steps and eval points (those with eval_key) from log.jsonl; the last line for a step wins (resumed runs)."""
+    """Training steps and eval points (lines with eval_key) from log.jsonl; a step's last line wins (resumed runs)."""
     train, evals = {}, {}
     with open(path) as f:
         for line in f:

@@ -11,7 +11,7 @@
 set -euo pipefail
 DEPTH=${1:-20}
 STEPS=${2:-15}
-DEVICE_BATCH=${3:-16}   # mid rows of 2048 tokens per forward pass (the reference's 32 needs 80 GB at d20 without headroom)
+DEVICE_BATCH=${3:-16}   # mid rows of 2048 tokens per forward pass (the reference's 32 fills 80 GB at d20)
 DEVICE_TYPE=${NANOCHAT_CHECK_DEVICE:-cuda}
 SEQ_LEN=${NANOCHAT_CHECK_SEQ_LEN:-2048}
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

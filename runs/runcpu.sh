@@ -101,7 +101,8 @@ stage "chat evaluation (mid)" "$BASE_DIR/report/chat-evaluation-mid.md" \
 # SFT: one conversation per row, loss on the assistant's tokens only; then the same evaluation.
 resumable_stage "SFT" chatsft_checkpoints "$BASE_DIR/report/chat-sft.md" \
     python -m scripts.chat_sft --model_tag="$MODEL_TAG" --num_iterations="$SFT_STEPS" \
-        --device_batch_size="$((SFT_EXAMPLES / 2))" --target_examples_per_step="$SFT_EXAMPLES" --max_seq_len="$SEQ_LEN" \
+        --device_batch_size="$((SFT_EXAMPLES / 2))" --target_examples_per_step="$SFT_EXAMPLES" \
+        --max_seq_len="$SEQ_LEN" \
         --eval_every="$EVAL_EVERY" --eval_steps=8 --eval_metrics_every=-1 --eval_metrics_max_problems="$CHAT_PROBLEMS"
 stage "chat evaluation (sft)" "$BASE_DIR/report/chat-evaluation-sft.md" \
     python -m scripts.chat_eval -i sft -g "$MODEL_TAG" -x "$CHAT_PROBLEMS" -m "$CHAT_MAX_TOKENS"

@@ -42,7 +42,8 @@ resumable_stage() {
         "$@"
     fi
     if [ ! -e "$done_file" ]; then
-        echo "$PIPELINE_NAME: $STAGE stopped at step $(last_checkpoint_step "$folder") before its end; run $PIPELINE_NAME again to resume it." >&2
+        echo "$PIPELINE_NAME: $STAGE stopped at step $(last_checkpoint_step "$folder") before its end;" \
+            "run $PIPELINE_NAME again to resume it." >&2
         exit 1
     fi
 }

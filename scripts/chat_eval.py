@@ -47,7 +47,8 @@ max_new_tokens = 512  # -m: longest completion
 device_type = ""  # cuda|cpu|mps ("" = autodetect)
 dtype = "auto"  # auto|bfloat16|float32 (auto = bf16 autocast on CUDA, fp32 elsewhere)
 SHORT_FLAGS = {"-i": "source", "-a": "task_name", "-x": "max_problems", "-b": "batch_size", "-n": "num_samples",
-               "-t": "temperature", "-k": "top_k", "-m": "max_new_tokens", "-g": "model_tag", "-s": "step", "-d": "dtype"}
+               "-t": "temperature", "-k": "top_k", "-m": "max_new_tokens", "-g": "model_tag", "-s": "step",
+               "-d": "dtype"}
 argv = [f"--{SHORT_FLAGS[a]}" if a in SHORT_FLAGS else a for a in sys.argv[1:]]
 user_config = configure(globals(), __file__, argv=argv)  # apply overrides; the final settings, logged with the results
 # -----------------------------------------------------------------------------
@@ -85,8 +86,9 @@ for name in task_names:
     t0 = time.time()
     with autocast_ctx:
         accuracies[name], problems[name] = run_chat_eval(
-            task, tokenizer, model, engine, batch_size=batch_size, num_samples=num_samples, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, max_problems=max_problems if max_problems > 0 else None)
+            task, tokenizer, model, engine, batch_size=batch_size, num_samples=num_samples,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            max_problems=max_problems if max_problems > 0 else None)
     seconds[name] = time.time() - t0
     print0(f"{name} accuracy: {100 * accuracies[name]:.2f}% of {problems[name]} problems ({seconds[name]:.1f}s)")
 chatcore_value = chatcore(accuracies)  # None unless all six tasks ran

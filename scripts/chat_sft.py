@@ -22,7 +22,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, DummyWandb, format_seconds
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, DummyWandb,
+                             format_seconds)
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import (load_model, build_model, load_checkpoint, save_checkpoint, list_steps,
                                          find_largest_model, CHECKPOINT_FOLDERS)
@@ -50,14 +51,14 @@ dtype = "auto"  # compute precision: auto|bfloat16|float32 (auto = bf16 on CUDA;
 dry_run = False  # print the mixture, batch and horizon, then exit
 # Model: the checkpoint SFT starts from, and where its own go
 source = "mid"  # mid|base: fine-tune the midtrained model (the speedrun) or the base model directly
-model_tag = ""  # <source folder>/<model_tag> to start from, and chatsft_checkpoints/<model_tag> to write ("" = the largest)
+model_tag = ""  # <source folder>/<tag> to start from and chatsft_checkpoints/<tag> to write ("" = the largest)
 source_step = -1  # step of the source checkpoint (-1 = its last)
 # Horizon: epochs of the mixture unless given
 num_epochs = 1  # passes over the training mixture
 num_iterations = -1  # explicit number of optimisation steps (-1 = from num_epochs)
 # Optimisation: batch and learning rates (the reference's)
 device_batch_size = 4  # conversations per forward pass on each device (rows are as long as the longest one)
-target_examples_per_step = 32  # conversations per optimisation step over all devices; gradient accumulation makes up the rest
+target_examples_per_step = 32  # conversations per step over all devices; gradient accumulation makes up the rest
 max_seq_len = 2048  # conversations are cut to this many tokens
 embedding_lr = 0.2  # AdamW learning rate of the token embedding
 unembedding_lr = 0.004  # AdamW learning rate of the lm_head
@@ -116,7 +117,8 @@ except (FileNotFoundError, ValueError) as e:
 checkpoint_dir = os.path.join(base_dir, CHECKPOINT_FOLDERS["sft"], model_tag)
 model_config_kwargs = dict(vars(model.config))
 num_flops_per_token = model.estimate_flops()
-print0(f"Model: {source} {model_tag} step {source_meta['step']}, {sum(p.numel() for p in model.parameters()):,} parameters")
+print0(f"Model: {source} {model_tag} step {source_meta['step']}, "
+       f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
 # Data: the reference's mixture (sizes on the hub; some offline copies are smaller stand-ins)
 identity_path = identity_conversations_path()
@@ -143,11 +145,13 @@ if num_iterations <= 0:
     fail(f"the mixture ({len(train_dataset)} conversations) is smaller than one step of {target_examples_per_step}")
 print0(f"Batch: {device_batch_size} conversations x {ddp_world_size} ranks x {grad_accum_steps} accumulation steps = "
        f"{target_examples_per_step} per step")
-print0(f"Training mixture: {len(train_dataset):,} conversations | validation: {len(val_dataset):,} | steps: {num_iterations:,}")
+print0(f"Training mixture: {len(train_dataset):,} conversations | validation: {len(val_dataset):,} | "
+       f"steps: {num_iterations:,}")
 if dry_run:
     derived = {"model_tag": model_tag, "world_size": ddp_world_size, "grad_accum_steps": grad_accum_steps,
                "train_conversations": len(train_dataset), "val_conversations": len(val_dataset),
-               "num_iterations": num_iterations, "epochs": num_iterations * target_examples_per_step / len(train_dataset)}
+               "num_iterations": num_iterations,
+               "epochs": num_iterations * target_examples_per_step / len(train_dataset)}
     print0("Dry run, derived numbers:")
     for key, value in derived.items():
         print0(f"  {key}: {value}")
@@ -196,9 +200,11 @@ if not resuming:
 else:
     loop_state = meta_data["loop_state"]
     step, val_loss, metrics = meta_data["step"], meta_data.get("val_loss"), meta_data.get("metrics", {})
-    train_loss, total_training_time, total_tokens = loop_state["train_loss"], loop_state["total_training_time"], loop_state["total_tokens"]
+    train_loss, total_tokens = loop_state["train_loss"], loop_state["total_tokens"]
+    total_training_time = loop_state["total_training_time"]
     restore_rng_state(loop_state["rng"], device)
-consumed_loader_state = meta_data["dataloader_state_dict"] if resuming else None  # a no-step stop saves it back as it came
+# the data position a checkpoint records: just after the last batch trained on
+consumed_loader_state = meta_data["dataloader_state_dict"] if resuming else None
 
 def save_current_step(with_optimizer=True):
     """Checkpoint of the current step: every rank's data position (and optimizer shard), rank 0's model and meta."""
@@ -224,10 +230,12 @@ def save_current_step(with_optimizer=True):
     if ddp:
         dist.barrier()  # the step is only complete once every rank's shard is on disk
 
-step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None, enabled=master_process)
+step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None,
+                   enabled=master_process)
 if run != "dummy" and master_process:
     import wandb
-    wandb_run = wandb.init(project="nanochat-sft", name=run, config=user_config, dir=os.environ.get("WANDB_DIR", base_dir))
+    wandb_run = wandb.init(project="nanochat-sft", name=run, config=user_config,
+                           dir=os.environ.get("WANDB_DIR", base_dir))
 else:
     wandb_run = DummyWandb()
 stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
@@ -278,7 +286,7 @@ while True:
         model.train()
 
     if step != resume_from_step and (last_step or (save_every > 0 and step > 0 and step % save_every == 0)):
-        save_current_step(with_optimizer=not last_step)  # the final model is for chatting: no optimizer (as the reference)
+        save_current_step(with_optimizer=not last_step)  # the final model is for chatting: no optimizer (as the ref.)
     if last_step:
         break
 
@@ -286,7 +294,7 @@ while True:
     synchronize()
     t0 = time.time()
     loss_sum = torch.zeros((), device=device)
-    step_counts = torch.zeros(2, dtype=torch.long, device=device)  # supervised tokens, tokens processed (padding included)
+    step_counts = torch.zeros(2, dtype=torch.long, device=device)  # supervised tokens, tokens processed (with padding)
     for micro_step in range(grad_accum_steps):
         inputs, targets, consumed_loader_state = next(train_loader)
         with autocast_ctx:
@@ -304,7 +312,8 @@ while True:
     stop_now = any_stop > 0
     if any_nonfinite > 0:
         saved = list_steps(checkpoint_dir)
-        hint = f"the last good checkpoint is step {saved[-1]} (--resume_from_step={saved[-1]})" if saved else "no checkpoint was saved before it"
+        hint = (f"the last good checkpoint is step {saved[-1]} (--resume_from_step={saved[-1]})" if saved
+                else "no checkpoint was saved before it")
         fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights: {hint}")
     lrm = get_lr_multiplier(step)
     for opt in optimizers:
@@ -322,10 +331,12 @@ while True:
     total_training_time += dt
     tok_per_sec = int(processed_tokens / dt)
     mfu = 100 * num_flops_per_token * processed_tokens / dt / peak_flops
-    print0(f"step {step:05d}/{num_iterations:05d} | loss: {train_loss:.6f} | lrm: {lrm:.4f} | supervised tokens: {supervised_tokens:,} | "
-           f"dt: {dt * 1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f}")
+    print0(f"step {step:05d}/{num_iterations:05d} | loss: {train_loss:.6f} | lrm: {lrm:.4f} | "
+           f"supervised tokens: {supervised_tokens:,} | dt: {dt * 1000:.0f}ms | tok/sec: {tok_per_sec:,} | "
+           f"mfu: {mfu:.2f}")
     step_log.log({"step": step, "loss": train_loss, "lr_mult": lrm, "num_tokens": supervised_tokens,
-                  "tokens": processed_tokens, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "total_time": total_training_time})
+                  "tokens": processed_tokens, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
+                  "total_time": total_training_time})
     wandb_run.log({"step": step, "lrm": lrm, "train_loss": train_loss, "num_tokens": supervised_tokens})
     step += 1
 
@@ -334,8 +345,9 @@ step_log.close()
 if device_type == "cuda":
     print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f}MiB")
 mean_tok_per_sec = total_tokens / total_training_time if total_training_time > 0 else None
+mean_mfu = 100 * num_flops_per_token * mean_tok_per_sec / peak_flops if mean_tok_per_sec else None
 if mean_tok_per_sec:
-    print0(f"Mean throughput: {mean_tok_per_sec:,.0f} tok/s (padding included) | MFU {100 * num_flops_per_token * mean_tok_per_sec / peak_flops:.2f}% "
+    print0(f"Mean throughput: {mean_tok_per_sec:,.0f} tok/s (padding included) | MFU {mean_mfu:.2f}% "
            f"| training time {format_seconds(total_training_time)}")
 if not interrupted:
     get_report().log(section="Chat SFT", data=[
@@ -351,9 +363,10 @@ if not interrupted:
         {
             "Training loss": train_loss,
             "Validation loss": val_loss,
-            **{name: metrics[key] for name, key in (("MMLU accuracy", "mmlu_acc"), ("ARC-Easy accuracy", "arc_easy_acc")) if key in metrics},
+            **{name: metrics[key] for name, key in (("MMLU accuracy", "mmlu_acc"),
+                                                     ("ARC-Easy accuracy", "arc_easy_acc")) if key in metrics},
             "Tokens per second": int(mean_tok_per_sec) if mean_tok_per_sec else None,
-            "MFU %": f"{100 * num_flops_per_token * mean_tok_per_sec / peak_flops:.2f}%" if mean_tok_per_sec else None,
+            "MFU %": f"{mean_mfu:.2f}%" if mean_tok_per_sec else None,
             "Total training time": f"{total_training_time / 60:.2f}m",
             **({"Peak memory usage": f"{get_max_memory() / 1024 / 1024:.2f}MiB"} if device_type == "cuda" else {}),
         },

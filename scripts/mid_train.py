@@ -4,7 +4,8 @@ Midtraining: continue training the base model on conversations, so that it learn
 different stream: conversations rendered to tokens and packed back to back (nanochat/chat_dataloader.py).
 By default one epoch of the mixture below, as in the reference.
 
-    python -m scripts.mid_train --device_type=cpu --max_seq_len=512 --device_batch_size=8 --total_batch_size=4096 --num_iterations=30
+    python -m scripts.mid_train --device_type=cpu --max_seq_len=512 --device_batch_size=8 \
+        --total_batch_size=4096 --num_iterations=30
     torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --run=d20   # the speedrun
     python -m scripts.mid_train --help                                           # every setting, explained
     python -m scripts.mid_train --dry_run                                        # mixture, batch and horizon, then exit
@@ -22,7 +23,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, DummyWandb, format_seconds
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, DummyWandb,
+                             format_seconds)
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import (load_model, build_model, load_checkpoint, save_checkpoint, list_steps,
                                          find_largest_model, CHECKPOINT_FOLDERS)
@@ -30,7 +32,8 @@ from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_dataloader import packed_conversation_loader
 from nanochat.dataloader import gather_loader_state
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.training import capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest, muon_momentum
+from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
+                               muon_momentum)
 from nanochat.report import get_report
 from nanochat import hardware
 from tasks.common import TaskMixture
@@ -47,17 +50,17 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee
 run = "dummy"  # wandb run name ("dummy" = no wandb logging)
 device_type = ""  # cuda|cpu|mps ("" = autodetect: CUDA > MPS > CPU)
 dtype = "auto"  # compute precision: auto|bfloat16|float32 (auto = bf16 on CUDA; on CPU only where measured faster)
-compile = "auto"  # torch.compile the model: auto|true|false (auto = on CUDA, on CPU when the run is long enough to repay it)
+compile = "auto"  # torch.compile the model: auto|true|false (auto = on CUDA, on CPU when the run is long enough)
 dry_run = False  # print the mixture, batch and horizon, then exit
 # Model: the checkpoint midtraining starts from, and where its own go
-model_tag = ""  # base_checkpoints/<model_tag> to start from, and mid_checkpoints/<model_tag> to write ("" = the largest)
+model_tag = ""  # base_checkpoints/<tag> to start from and mid_checkpoints/<tag> to write ("" = the largest)
 base_step = -1  # step of the base checkpoint to start from (-1 = its last)
 # Horizon: one pass over the mixture unless given
 num_iterations = -1  # explicit number of optimisation steps (-1 = one epoch of the training mixture)
 # Optimisation: batch, learning rates, schedule (the reference's, the same as pretraining's)
 max_seq_len = 2048  # tokens per row of the packed stream
 device_batch_size = 32  # rows per forward pass on each device (lower it if memory runs out)
-total_batch_size = 524288  # tokens per optimisation step over all devices; gradient accumulation makes up the difference
+total_batch_size = 524288  # tokens per optimisation step over all devices; gradient accumulation makes up the rest
 embedding_lr = 0.2  # AdamW learning rate of the token embedding
 unembedding_lr = 0.004  # AdamW learning rate of the lm_head
 matrix_lr = 0.02  # Muon learning rate of the transformer's matrices
@@ -114,11 +117,14 @@ model_config_kwargs = dict(vars(model.config))
 num_params = sum(p.numel() for p in model.parameters())
 num_flops_per_token = model.estimate_flops()
 if max_seq_len > model.config.sequence_len:
-    print0(f"warning: max_seq_len={max_seq_len} is longer than the base model's training context ({model.config.sequence_len})")
+    print0(f"warning: max_seq_len={max_seq_len} is longer than the base model's training context "
+           f"({model.config.sequence_len})")
 pretrain_batch_size = source_meta.get("device_batch_size")
 if pretrain_batch_size is not None and device_batch_size > pretrain_batch_size:
-    print0(f"warning: the base model trained with device_batch_size={pretrain_batch_size}; {device_batch_size} may not fit in memory")
-print0(f"Model: {model_tag}, {num_params:,} parameters, {num_flops_per_token:e} FLOPs per token; from base step {source_meta['step']}")
+    print0(f"warning: the base model trained with device_batch_size={pretrain_batch_size}; "
+           f"{device_batch_size} may not fit in memory")
+print0(f"Model: {model_tag}, {num_params:,} parameters, {num_flops_per_token:e} FLOPs per token; "
+       f"from base step {source_meta['step']}")
 
 # Batch: micro-batches per rank, accumulated up to total_batch_size tokens per step
 tokens_per_fwdbwd = device_batch_size * max_seq_len
@@ -127,7 +133,8 @@ if total_batch_size <= 0 or total_batch_size % world_tokens_per_fwdbwd != 0:
     fail(f"total_batch_size={total_batch_size:,} is not a multiple of device_batch_size x max_seq_len x world size = "
          f"{device_batch_size} x {max_seq_len} x {ddp_world_size} = {world_tokens_per_fwdbwd:,}")
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
-print0(f"Batch: {device_batch_size} x {max_seq_len} tokens x {ddp_world_size} ranks x {grad_accum_steps} accumulation steps = {total_batch_size:,} tokens per step")
+print0(f"Batch: {device_batch_size} x {max_seq_len} tokens x {ddp_world_size} ranks x {grad_accum_steps} accumulation "
+       f"steps = {total_batch_size:,} tokens per step")
 
 # Data: the reference's mixture (sizes on the hub; some offline copies are smaller stand-ins)
 identity_path = identity_conversations_path()
@@ -159,7 +166,8 @@ if dry_run:
         "world_size": ddp_world_size, "grad_accum_steps": grad_accum_steps,
         "train_conversations": len(train_dataset), "val_conversations": len(val_dataset),
         "mean_tokens_per_conversation": round(mean_tokens, 1), "epoch_steps_estimate": round(epoch_steps_estimate, 1),
-        "num_iterations": num_iterations, "total_flops_estimate": num_flops_per_token * total_batch_size * horizon_steps,
+        "num_iterations": num_iterations,
+        "total_flops_estimate": num_flops_per_token * total_batch_size * horizon_steps,
     }
     print0("Dry run, derived numbers:")
     for key, value in derived.items():
@@ -183,7 +191,8 @@ if compile == "auto":
     use_compile = device_type == "cuda" or (device_type == "cpu" and eager_seconds_estimate > 30)
 else:
     use_compile = compile == "true"
-print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile} | peak FLOP/s for MFU: {peak_flops:.3e}")
+print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile} | "
+       f"peak FLOP/s for MFU: {peak_flops:.3e}")
 orig_model = model  # uncompiled: saved
 model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -216,7 +225,8 @@ def get_lr_multiplier(progress):
 
 # Loop state: everything besides weights, optimizer and data that a resumed run continues with
 if not resuming:
-    step, min_val_bpb, smooth_train_loss, total_training_time, val_bpb, epoch_done = 0, float("inf"), 0.0, 0.0, None, False
+    step, val_bpb, min_val_bpb, epoch_done = 0, None, float("inf"), False
+    smooth_train_loss, total_training_time = 0.0, 0.0  # EMA of the loss; seconds of training after the first 10 steps
 else:
     loop_state = meta_data["loop_state"]
     step, val_bpb = meta_data["step"], meta_data.get("val_bpb")
@@ -245,14 +255,17 @@ def save_current_step():
                           "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch.")},
         },
     }
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=ddp_rank)
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=ddp_rank)
     if ddp:
         dist.barrier()  # the step is only complete once every rank's shard is on disk
 
-step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None, enabled=master_process)
+step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None,
+                   enabled=master_process)
 if run != "dummy" and master_process:
     import wandb
-    wandb_run = wandb.init(project="nanochat-mid", name=run, config=user_config, dir=os.environ.get("WANDB_DIR", base_dir))
+    wandb_run = wandb.init(project="nanochat-mid", name=run, config=user_config,
+                           dir=os.environ.get("WANDB_DIR", base_dir))
 else:
     wandb_run = DummyWandb()
 stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, save, exit
@@ -310,7 +323,8 @@ while True:
     stop_now, epoch_done = any_stop > 0, any_wrapped > 0
     if any_nonfinite > 0:
         saved = list_steps(checkpoint_dir)
-        hint = f"the last good checkpoint is step {saved[-1]} (--resume_from_step={saved[-1]})" if saved else "no checkpoint was saved before it"
+        hint = (f"the last good checkpoint is step {saved[-1]} (--resume_from_step={saved[-1]})" if saved
+                else "no checkpoint was saved before it")
         fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights: {hint}")
     progress = step / num_iterations if num_iterations > 0 else min(loader_state["epoch_fraction"], 1.0)
     lrm = get_lr_multiplier(progress)
@@ -337,8 +351,9 @@ while True:
     step_text = f"{step:05d}/{num_iterations:05d}" if num_iterations > 0 else f"{step:05d}"
     print0(f"step {step_text} ({100 * progress:.2f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
            f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | elapsed: {format_seconds(elapsed)}")
-    step_log.log({"step": step, "loss": debiased_smooth_loss, "raw_loss": train_loss, "lr_mult": lrm, "progress": progress,
-                  "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "total_time": total_training_time})
+    step_log.log({"step": step, "loss": debiased_smooth_loss, "raw_loss": train_loss, "lr_mult": lrm,
+                  "progress": progress, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
+                  "total_time": total_training_time})
     if step % 10 == 0:
         wandb_run.log({"step": step, "train/loss": debiased_smooth_loss, "train/lrm": lrm, "train/dt": dt,
                        "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
@@ -352,9 +367,11 @@ print0(f"Total training time: {format_seconds(total_training_time)}")
 if val_bpb is not None:
     print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
 timed_steps = step - 11  # total_training_time covers steps 11 .. step-1 (across resumes too)
-mean_tok_per_sec = total_batch_size * timed_steps / total_training_time if total_training_time > 0 and timed_steps > 0 else None
+timed = total_training_time > 0 and timed_steps > 0
+mean_tok_per_sec = total_batch_size * timed_steps / total_training_time if timed else None
+mean_mfu = 100 * num_flops_per_token * mean_tok_per_sec / peak_flops if timed else None
 if mean_tok_per_sec:
-    print0(f"Mean throughput after warm-up: {mean_tok_per_sec:,.0f} tok/s | MFU {100 * num_flops_per_token * mean_tok_per_sec / peak_flops:.2f}%")
+    print0(f"Mean throughput after warm-up: {mean_tok_per_sec:,.0f} tok/s | MFU {mean_mfu:.2f}%")
 if not interrupted:
     get_report().log(section="Midtraining", data=[
         user_config,
@@ -372,7 +389,7 @@ if not interrupted:
             "Final validation bpb": val_bpb,
             "Final training loss": debiased_smooth_loss if step > first_step else None,
             "Tokens per second": int(mean_tok_per_sec) if mean_tok_per_sec else None,
-            "MFU %": f"{100 * num_flops_per_token * mean_tok_per_sec / peak_flops:.2f}%" if mean_tok_per_sec else None,
+            "MFU %": f"{mean_mfu:.2f}%" if mean_tok_per_sec else None,
             "Total training time": f"{total_training_time / 60:.2f}m",
             **({"Peak memory usage": f"{get_max_memory() / 1024 / 1024:.2f}MiB"} if device_type == "cuda" else {}),
         },

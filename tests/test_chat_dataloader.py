@@ -35,7 +35,8 @@ def conversations(n, seed=0):
                                                       {"type": "python_output", "text": str(a + b)},
                                                       {"type": "text", "text": f" so {a + b}"}]}]
         for _ in range(rng.randint(0, 2)):
-            messages += [{"role": "user", "content": " ".join(rng.choice(["hello", "cat", "mat", "sat"]) for _ in range(rng.randint(1, 9)))},
+            user_text = " ".join(rng.choice(["hello", "cat", "mat", "sat"]) for _ in range(rng.randint(1, 9)))
+            messages += [{"role": "user", "content": user_text},
                          {"role": "assistant", "content": "the cat sat on the mat " * rng.randint(1, 3)}]
         if i % 3 == 0:
             messages.insert(0, {"role": "system", "content": "answer with the cat"})
@@ -58,8 +59,9 @@ def test_sft_targets_are_ignored_exactly_where_the_mask_is_0(tokenizer):
     # what is supervised: the assistant's text, its python calls and <|assistant_end|>, never the tool output
     ids, mask = rows[0]
     supervised = [t for t, m in zip(ids, mask) if m == 1]
-    assert tokenizer.encode_special("<|python_start|>") in supervised and tokenizer.encode_special("<|assistant_end|>") in supervised
-    assert tokenizer.encode_special("<|output_start|>") not in supervised and tokenizer.encode_special("<|user_start|>") not in supervised
+    special = tokenizer.encode_special
+    assert special("<|python_start|>") in supervised and special("<|assistant_end|>") in supervised
+    assert special("<|output_start|>") not in supervised and special("<|user_start|>") not in supervised
 
 
 def test_sft_loader_rows_and_exact_resume(tokenizer):
@@ -108,7 +110,9 @@ def test_tiny_model_overfits_one_conversation(tokenizer):
     conversation = conversations(1, seed=3)[0]
     inputs, targets, _ = next(sft_loader([conversation], tokenizer, batch_size=1, device="cpu"))
     assert (targets >= 0).sum() > 10 and (targets == -1).sum() > 5  # both kinds of positions are there
-    model = build_gpt(GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=32))
+    config = GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
+                       n_embd=32)
+    model = build_gpt(config)
     optimizers = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.04)
     losses = []
     for _ in range(40):

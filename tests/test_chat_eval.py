@@ -31,7 +31,8 @@ class ChoiceTask:
 
     def __init__(self, n, seed=0):
         rng = random.Random(seed)
-        self.rows = [(f"set {seed} which is {rng.choice(['apple', 'stone'])} {i}?", rng.choice(LETTERS)) for i in range(n)]
+        self.rows = [(f"set {seed} which is {rng.choice(['apple', 'stone'])} {i}?", rng.choice(LETTERS))
+                     for i in range(n)]
 
     def __len__(self):
         return len(self.rows)
@@ -186,11 +187,14 @@ def test_chatcore_arithmetic():
 
 def test_scripted_model_through_the_six_task_slots(tokenizer):
     """The ChatCORE of a perfect scripted model is 1 and of an always-wrong one -1/6."""
-    tasks = {name: (ChoiceTask(5, seed=i) if BASELINE_ACCURACY[name] else AnswerTask(3)) for i, name in enumerate(ALL_TASKS)}
+    tasks = {name: (ChoiceTask(5, seed=i) if BASELINE_ACCURACY[name] else AnswerTask(3))
+             for i, name in enumerate(ALL_TASKS)}
     for answer_fn, wrong_answer, expected in ((right, right, 1.0), (wrong_letter, lambda c: "nope", -1 / 6)):
-        model = scripted(tokenizer, [(t, answer_fn if t.eval_type == "categorical" else wrong_answer) for t in tasks.values()])
+        model = scripted(tokenizer, [(t, answer_fn if t.eval_type == "categorical" else wrong_answer)
+                                     for t in tasks.values()])
         engine = Engine(model, tokenizer)
-        accuracies = {name: run_chat_eval(t, tokenizer, model, engine, batch_size=2, max_new_tokens=6)[0] for name, t in tasks.items()}
+        accuracies = {name: run_chat_eval(t, tokenizer, model, engine, batch_size=2, max_new_tokens=6)[0]
+                      for name, t in tasks.items()}
         assert chatcore(accuracies) == pytest.approx(expected)
 
 
@@ -200,8 +204,9 @@ def _two_rank_worker(rank, world_size, init_file, queue):
     tokenizer = make_tokenizer()
     choice, answer = ChoiceTask(7), AnswerTask(5)
     # right on even problems only: 4 of 7 and 3 of 5, whichever rank gets which
-    model = scripted(tokenizer, [(choice, lambda c: right(c) if int(c["messages"][0]["content"].split()[-1][:-1]) % 2 == 0 else wrong_letter(c)),
-                                 (answer, lambda c: right(c) if int(c["messages"][0]["content"].split()[1][:-1]) % 2 == 0 else "no")])
+    number = lambda c, word: int(c["messages"][0]["content"].split()[word][:-1])  # the problem's index
+    model = scripted(tokenizer, [(choice, lambda c: right(c) if number(c, -1) % 2 == 0 else wrong_letter(c)),
+                                 (answer, lambda c: right(c) if number(c, 1) % 2 == 0 else "no")])
     engine = Engine(model, tokenizer)
     results = (run_categorical_eval(choice, tokenizer, model, batch_size=2),
                run_generative_eval(answer, tokenizer, engine, max_new_tokens=6, progress=False))

@@ -21,8 +21,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
 MID = ["--device_type=cpu", "--dtype=float32", "--compile=false", "--max_seq_len=32", "--device_batch_size=2",
        "--total_batch_size=64", "--num_iterations=6", "--eval_every=3", "--eval_tokens=128"]
-SFT = ["--device_type=cpu", "--dtype=float32", "--num_iterations=6", "--device_batch_size=2", "--target_examples_per_step=4",
-       "--max_seq_len=48", "--eval_every=3", "--eval_steps=2", "--eval_metrics_every=3", "--eval_metrics_max_problems=4"]
+SFT = ["--device_type=cpu", "--dtype=float32", "--num_iterations=6", "--device_batch_size=2",
+       "--target_examples_per_step=4", "--max_seq_len=48", "--eval_every=3", "--eval_steps=2", "--eval_metrics_every=3",
+       "--eval_metrics_max_problems=4"]
 
 
 @pytest.fixture(scope="module")

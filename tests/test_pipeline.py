@@ -143,7 +143,8 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
                  base / "base_eval" / f"base_model_{STEPS:06d}.csv", base / "eval_bundle" / "core.yaml",
                  base / "report" / "train_loss.png", base / "report" / "val_bpb.png", base / "report.md",
                  workdir / "report.md", workdir / "report_files" / "train_loss.png",
-                 base / "mid_checkpoints" / tag_dir.name / "model_000003.pt", base / "chatsft_checkpoints" / tag_dir.name / "model_000002.pt",
+                 base / "mid_checkpoints" / tag_dir.name / "model_000003.pt",
+                 base / "chatsft_checkpoints" / tag_dir.name / "model_000002.pt",
                  base / "report" / "mid_train_loss.png", base / "report" / "sft_train_loss.png"]
     missing = [str(p.relative_to(tmp_path)) for p in expected if not p.exists()]
     assert not missing, f"missing outputs: {missing}"
@@ -169,9 +170,11 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
     tag = f"d{TOY_SIZES['NANOCHAT_RUNCPU_DEPTH']}"
     commands = [line.strip() for line in output.splitlines() if "python -m scripts.chat_" in line]
     assert [c.split("#")[0].split() for c in commands] == [
-        [f"NANOCHAT_BASE_DIR={base}", "python", "-m", f"scripts.chat_{kind}", "-i", "base", "-g", tag] for kind in ("cli", "web")]
+        [f"NANOCHAT_BASE_DIR={base}", "python", "-m", f"scripts.chat_{kind}", "-i", "sft", "-g", tag]
+        for kind in ("cli", "web")]  # the pipeline's last model: SFT
     assert "http://localhost:8000/" in commands[1]
-    answer = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-i", "base", "-g", tag, "-p", "Hello", "-m", "4"],
+    chat_cli = [sys.executable, "-m", "scripts.chat_cli", "-i", "sft", "-g", tag, "-p", "Hello", "-m", "4"]
+    answer = subprocess.run(chat_cli,
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert answer.returncode == 0 and answer.stdout.endswith("\n"), answer.stderr  # an answer (maybe empty: a toy model)
 

@@ -191,8 +191,10 @@ def test_chat_phases_table_and_curves(base):
     chat_results = {"mid": [0.35, 0.28, 0.31, 0.02, 0.06, 0.9], "sft": [0.38, 0.3, 0.32, 0.05, 0.07, 0.95]}
     for phase, values in chat_results.items():
         accuracies = dict(zip(["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"], values))
-        report.log(f"Chat evaluation {phase}", [{"source": phase, "task_name": ""}, accuracies, {"ChatCORE": 0.1 + len(phase) / 100}])
-    for section, folder, eval_key in (("Midtraining", "mid_checkpoints", "val_bpb"), ("Chat SFT", "chatsft_checkpoints", "val_loss")):
+        report.log(f"Chat evaluation {phase}", [{"source": phase, "task_name": ""}, accuracies,
+                                                {"ChatCORE": 0.1 + len(phase) / 100}])
+    phases = (("Midtraining", "mid_checkpoints", "val_bpb"), ("Chat SFT", "chatsft_checkpoints", "val_loss"))
+    for section, folder, eval_key in phases:
         (base / folder / "d2").mkdir(parents=True)
         with open(base / folder / "d2" / "log.jsonl", "w") as f:
             for step in range(4):
