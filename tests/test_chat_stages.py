@@ -189,3 +189,22 @@ def test_chat_eval_scores_every_task_and_reports(base_dir, sft_run, capsys):
         assert f"- {task}: " in section
     assert "| Task | Accuracy |" in section
     assert run_script("scripts.chat_eval", ["-i", "sft", "-a", "ARC-Easy|NoSuchTask"]) == 1
+
+
+def test_dry_runs_and_help(base_dir, capsys):
+    """The reference's mixtures and horizons, printed without training; --help lists the settings by group."""
+    assert run_script("scripts.mid_train", ["--dry_run", "--device_type=cpu", "--model_tag=d1", "--max_seq_len=32",
+                                            "--device_batch_size=2", "--total_batch_size=128"]) == 0
+    out = capsys.readouterr().out
+    # SmolTalk 20 + MMLU auxiliary_train 12 + GSM8K 12 + identity 6 twice + SimpleSpelling 200K + SpellingBee 80K
+    assert "train_conversations: 280056" in out and "grad_accum_steps: 2" in out and "num_iterations: -1" in out
+    assert run_script("scripts.chat_sft", ["--dry_run", "--device_type=cpu", "--model_tag=d1", "--source=base"]) == 0
+    out = capsys.readouterr().out
+    # ARC-Easy 12 + ARC-Challenge 12 + GSM8K 12 + SmolTalk 20 + identity 6 + 300 + 300 = 662 rows, 32 per step
+    assert "train_conversations: 662" in out and "num_iterations: 20" in out and "grad_accum_steps: 8" in out
+    for script, texts in (("scripts.mid_train", ["Horizon", "Optimisation", "--init_lr_frac=1.0", "--eval_every=150"]),
+                          ("scripts.chat_sft", ["--init_lr_frac=0.02", "--target_examples_per_step=32", "--source='mid'"]),
+                          ("scripts.chat_eval", ["Tasks", "--task_name=''", "--max_new_tokens=512"])):
+        assert run_script(script, ["--help"]) == 0
+        out = capsys.readouterr().out
+        assert all(text in out for text in texts), (script, out)
