@@ -9,6 +9,19 @@
 # first otherwise). NANOCHAT_BASE_DIR, NANOCHAT_DATA_URL, NANOCHAT_DATA_MAX_SHARD and
 # NANOCHAT_EVAL_BUNDLE_URL are honoured by the stages. Re-running skips the stages whose outputs
 # exist, so after a failure fix the cause and run it again.
+#
+# Stopping: Ctrl-C (or SIGTERM to torchrun) makes the workers finish the step or evaluation task in hand,
+# save a checkpoint and exit; torchrun waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (300 here) for
+# that before it kills them. Training also saves every SPEEDRUN_SAVE_MINUTES (30) minutes, so a crash
+# loses at most that much. Run speedrun.sh again to resume.
+#
+# Every size can be overridden from the environment, down to a dry pass of every stage on a CPU:
+#   SPEEDRUN_DEVICE_TYPE=cpu NPROC_PER_NODE=2 SPEEDRUN_DEPTH=2 SPEEDRUN_SHARDS=3 SPEEDRUN_TOK_SHARDS=3 \
+#   SPEEDRUN_TOK_MAX_CHARS=1000000 SPEEDRUN_VOCAB_SIZE=1024 SPEEDRUN_TOK_EVAL_ARGS=--no_baselines \
+#   SPEEDRUN_BASE_TRAIN_ARGS="--max_seq_len=256 --device_batch_size=2 --total_batch_size=1024 --num_iterations=6" \
+#   SPEEDRUN_BASE_LOSS_ARGS="--device_batch_size=2 --split_tokens=2048" SPEEDRUN_BASE_EVAL_ARGS=--max_per_task=11 \
+#   bash speedrun.sh
+# (SPEEDRUN_<SCRIPT>_ARGS adds settings to any stage run through `launch`.)
 set -Eeuo pipefail  # -E: the ERR trap below also fires inside functions
 CALLER_DIR="$PWD"
 source "$(dirname "$0")/runs/setup_env.sh"  # creates .venv on first use, then activates it
@@ -16,12 +29,29 @@ cd "$REPO_ROOT"
 
 NPROC_PER_NODE=${NPROC_PER_NODE:-8}
 WANDB_RUN=${WANDB_RUN:-dummy}
-export OMP_NUM_THREADS=1  # one process per GPU: keep each one's CPU threads from fighting
-DEPTH=20
+DEVICE_TYPE=${SPEEDRUN_DEVICE_TYPE:-cuda}   # never a silent fallback to CPU processes on a GPU node
+DEPTH=${SPEEDRUN_DEPTH:-20}
+SHARDS=${SPEEDRUN_SHARDS:-240}              # training shards for pretraining
+TOK_SHARDS=${SPEEDRUN_TOK_SHARDS:-8}        # training shards the tokenizer needs (downloaded first)
+TOK_MAX_CHARS=${SPEEDRUN_TOK_MAX_CHARS:-2000000000}
+VOCAB_SIZE=${SPEEDRUN_VOCAB_SIZE:-65536}
+SAVE_MINUTES=${SPEEDRUN_SAVE_MINUTES:-30}
 MODEL_TAG="d$DEPTH"
+export OMP_NUM_THREADS=1  # one process per GPU: keep each one's CPU threads from fighting
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}  # time to save after a stop (torch >= 2.11)
+
+# launch SCRIPT SETTINGS...: python -m scripts.SCRIPT on NPROC_PER_NODE processes of DEVICE_TYPE, plus the
+# settings in SPEEDRUN_<SCRIPT>_ARGS
+launch() {
+    local script=$1; shift
+    local extra="SPEEDRUN_${script^^}_ARGS"
+    # shellcheck disable=SC2086  # the extra settings are split into words on purpose
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m "scripts.$script" -- \
+        --device_type="$DEVICE_TYPE" "$@" ${!extra:-}
+}
 
 source "$REPO_ROOT/runs/stages.sh" speedrun.sh  # BASE_DIR, the failing-stage message, stage(), last_checkpoint_step(), print_chat_commands()
-echo "speedrun.sh: outputs in $BASE_DIR; $NPROC_PER_NODE processes; wandb run: $WANDB_RUN"
+echo "speedrun.sh: outputs in $BASE_DIR; $NPROC_PER_NODE processes ($DEVICE_TYPE); depth $DEPTH; wandb run: $WANDB_RUN"
 
 # A new run starts a new report (system info and start time); a re-run continues the old one.
 stage "report reset" "$BASE_DIR/report/header.md" python -m nanochat.report reset
@@ -29,18 +59,20 @@ stage "report reset" "$BASE_DIR/report/header.md" python -m nanochat.report rese
 # Data. Each shard is ~250M characters (~100 MB). The tokenizer needs ~2B characters: 8 shards, now.
 # Pretraining d20 needs 20 tokens per parameter = ~11.2B tokens = ~54B characters at ~4.8 chars per
 # token = ~216 shards: 240 to be safe, downloaded in the background while the tokenizer trains.
-STAGE="data (first 8 shards)"
-python -m nanochat.dataset -n 8
-python -m nanochat.dataset -n 240 > "$BASE_DIR/download.log" 2>&1 &
+STAGE="data (first $TOK_SHARDS shards)"
+python -m nanochat.dataset -n "$TOK_SHARDS"
+python -m nanochat.dataset -n "$SHARDS" > "$BASE_DIR/download.log" 2>&1 &
 DOWNLOAD_PID=$!
 trap 'kill "$DOWNLOAD_PID" 2>/dev/null || true' EXIT  # do not leave the download running if we stop early
 echo "Downloading the remaining shards in the background (pid $DOWNLOAD_PID, log: $BASE_DIR/download.log)"
 
 # Tokenizer: vocab 65536 (2^16) trained on ~2B characters, then its compression measured.
-stage "tokenizer" "$BASE_DIR/tokenizer/token_bytes.pt" python -m scripts.tok_train --max_chars=2000000000
-stage "tokenizer evaluation" "$BASE_DIR/report/tokenizer-evaluation.md" python -m scripts.tok_eval
+stage "tokenizer" "$BASE_DIR/tokenizer/token_bytes.pt" \
+    python -m scripts.tok_train --max_chars="$TOK_MAX_CHARS" --vocab_size="$VOCAB_SIZE"
+# shellcheck disable=SC2086
+stage "tokenizer evaluation" "$BASE_DIR/report/tokenizer-evaluation.md" python -m scripts.tok_eval ${SPEEDRUN_TOK_EVAL_ARGS:-}
 
-STAGE="data (all 240 shards)"
+STAGE="data (all $SHARDS shards)"
 echo "Waiting for the background download to finish..."
 if ! wait "$DOWNLOAD_PID"; then
     tail -n 20 "$BASE_DIR/download.log" >&2
@@ -57,20 +89,19 @@ else
     RESUME=""  # empty, or --resume_from_step=N (unquoted below, so empty adds no argument)
     if [ "$LAST_STEP" -ge 0 ]; then RESUME="--resume_from_step=$LAST_STEP"; fi
     echo "[run] $STAGE ${RESUME:+(resuming from step $LAST_STEP)}"
-    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- \
-        --depth="$DEPTH" --run="$WANDB_RUN" --model_tag="$MODEL_TAG" $RESUME
+    launch base_train --depth="$DEPTH" --run="$WANDB_RUN" --model_tag="$MODEL_TAG" \
+        --save_every_minutes="$SAVE_MINUTES" $RESUME
     if [ ! -e "$BASE_DIR/report/base-model-training.md" ]; then  # written only by a run that reached its end
-        echo "speedrun.sh: training stopped at step $(last_checkpoint_step) before its end; run speedrun.sh again to resume it." >&2
+        echo "speedrun.sh: training stopped at step $(last_checkpoint_step) before its end;" \
+            "run speedrun.sh again to resume it." >&2
         exit 1
     fi
 fi
 
 # Evaluation: bits per byte on bigger train/val slices with a few samples, then CORE.
-stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" \
-    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_loss -- --model_tag="$MODEL_TAG"
+stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" launch base_loss --model_tag="$MODEL_TAG"
 LAST_STEP=$(printf %06d "$(last_checkpoint_step)")
-stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$LAST_STEP.csv" \
-    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_eval -- --model_tag="$MODEL_TAG"
+stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$LAST_STEP.csv" launch base_eval --model_tag="$MODEL_TAG"
 
 # Midtraining (about 10 minutes on 8xH100): one epoch of ~850K conversations packed like pretraining data,
 # teaching the chat special tokens, multiple choice, calculator use and spelling; identity conversations

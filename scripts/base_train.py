@@ -69,20 +69,30 @@ core_metric_every = 2000  # steps between CORE metric estimates (and at the last
 core_metric_max_per_task = 500  # examples per CORE task (-1 = all)
 sample_every = 2000  # steps between samples from fixed prompts (and at the last step)
 save_every = -1  # steps between checkpoints (-1 = only at the end)
+save_every_minutes = -1.0  # also save once this much training time passed since the last save (-1 = off)
 # Output: where checkpoints and the step log go
 model_tag = ""  # folder under <base>/base_checkpoints ("" = d<depth>)
 user_config = configure(globals(), __file__)  # apply --name=value overrides; the final settings, logged with the run
 # -----------------------------------------------------------------------------
 
-def fail(message):
-    """Stop with a message for the user (no traceback): bad settings, missing files."""
-    print0(f"error: {message}")
+def fail(message, every_rank_agrees=False):
+    """
+    Stop with a message for the user (no traceback): bad settings, missing files. every_rank_agrees: an
+    error that follows from the settings alone, found alike on every rank. Under torchrun only rank 0 says
+    it then, and the other ranks leave with exit code 0, so that torchrun reports one failure and does not
+    stop rank 0 before it has printed. Otherwise (e.g. a file missing on one node) each rank says its own.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    if every_rank_agrees or "RANK" not in os.environ:
+        print0(f"error: {message}")
+    else:
+        print(f"error (rank {rank}): {message}", flush=True)
     compute_cleanup()
-    raise SystemExit(1)
+    raise SystemExit(0 if every_rank_agrees and rank != 0 else 1)
 
 for name, allowed in (("dtype", ("auto", "bfloat16", "float32")), ("compile", ("auto", "true", "false"))):
     if globals()[name] not in allowed:
-        fail(f"--{name} must be one of {'|'.join(allowed)}, got {globals()[name]!r}")
+        fail(f"--{name} must be one of {'|'.join(allowed)}, got {globals()[name]!r}", every_rank_agrees=True)
 
 # Compute: device, distributed group, seeds
 device_type = device_type or autodetect_device_type()
@@ -121,7 +131,7 @@ print0(f"Parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:e}")
 tokens_per_fwdbwd = device_batch_size * max_seq_len  # one forward/backward on one rank
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * ddp_world_size
 if total_batch_size <= 0 or total_batch_size % world_tokens_per_fwdbwd != 0:
-    fail(batch_size_suggestions(total_batch_size, device_batch_size, max_seq_len, ddp_world_size))
+    fail(batch_size_suggestions(total_batch_size, device_batch_size, max_seq_len, ddp_world_size), every_rank_agrees=True)
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
 print0(f"Batch: {device_batch_size} x {max_seq_len} tokens x {ddp_world_size} ranks x {grad_accum_steps} accumulation steps = {total_batch_size:,} tokens per step")
 
@@ -135,9 +145,11 @@ elif target_param_data_ratio > 0:
     num_iterations = target_param_data_ratio * num_params // total_batch_size
     horizon_source = f"from tokens:params = {target_param_data_ratio}"
 else:
-    fail("no training horizon: set one of --num_iterations, --target_flops, --target_param_data_ratio to a positive value")
+    fail("no training horizon: set one of --num_iterations, --target_flops, --target_param_data_ratio "
+         "to a positive value", every_rank_agrees=True)
 if num_iterations <= 0:
-    fail(f"the horizon ({horizon_source}) rounds to {num_iterations} steps: raise it or lower --total_batch_size")
+    fail(f"the horizon ({horizon_source}) rounds to {num_iterations} steps: raise it or lower --total_batch_size",
+         every_rank_agrees=True)
 total_tokens = total_batch_size * num_iterations
 print0(f"Steps: {num_iterations:,} ({horizon_source}) | tokens: {total_tokens:,} | tokens:params {total_tokens / num_params:.2f} | training FLOPs: {num_flops_per_token * total_tokens:e}")
 if dry_run:
@@ -172,7 +184,7 @@ if resuming:
     del model_data
     # settings that change the optimisation itself (evaluation, sampling, saving and naming do not)
     harmless = {"run", "dry_run", "resume_from_step", "eval_every", "eval_tokens", "core_metric_every",
-                "core_metric_max_per_task", "sample_every", "save_every", "model_tag"}
+                "core_metric_max_per_task", "sample_every", "save_every", "save_every_minutes", "model_tag"}
     warn_changed_settings(meta_data["user_config"], user_config, harmless)
 
 # Precision and compilation, chosen per device
@@ -267,9 +279,11 @@ else:
 # the data position a checkpoint records: just after the last batch trained on (set by every micro-step;
 # nothing is saved before the first step, since the step we resumed from is already on disk)
 consumed_loader_state = None
+last_save_time = time.time()  # for save_every_minutes
 
 def save_current_step():
     """Checkpoint of the current step: every rank's optimizer shard and data position, rank 0's model and meta."""
+    global last_save_time
     loader_states = gather_loader_state(consumed_loader_state)  # a collective under torchrun: {"ranks": [...]}
     meta = {
         "step": step,
@@ -291,6 +305,14 @@ def save_current_step():
     # every rank writes its optimizer shard; the meta file comes last, once all of them are on disk
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
                     rank=ddp_rank, world_size=ddp_world_size)
+    last_save_time = time.time()
+
+def stop_and_save():
+    """Save the current step (unless it is the one resumed from: it is on disk) after a stop request."""
+    print0(f"Interrupted (Ctrl-C or SIGTERM): saving step {step} and exiting")
+    if step != resume_from_step:
+        save_current_step()
+    print0(f"Stopped at step {step}. Continue with the same command plus --resume_from_step={step}")
 
 # Step log: one JSON line per step and per evaluation; a resumed run drops what came after its step
 step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None, enabled=master_process)
@@ -302,7 +324,7 @@ if run != "dummy" and master_process:
 else:
     wandb_run = DummyWandb()
 
-# Ctrl-C / SIGTERM: finish the current step, save, exit cleanly (a second Ctrl-C stops at once)
+# Ctrl-C / SIGTERM: finish the current step (or evaluation task), save, exit cleanly (a second Ctrl-C stops at once)
 stop = StopRequest()
 
 # -----------------------------------------------------------------------------
@@ -311,22 +333,24 @@ run_start = time.time()
 first_step = step
 interrupted = False
 stop_now = False
+save_due = False  # save_every_minutes has passed (decided together at the end of a step)
 mfu = 0.0
 results = {}
 while True:
     last_step = step == num_iterations
     flops_so_far = num_flops_per_token * total_batch_size * step
+    eval_due = eval_every > 0 and (last_step or step % eval_every == 0)
+    core_due = core_metric_every > 0 and (last_step or (step > 0 and step % core_metric_every == 0))
+    if (eval_due or core_due) and not stop_now and not last_step:
+        stop_now = stop.anywhere(device)  # a stop that came after the step's exchange: no long evaluation first
 
-    if stop_now and not last_step:  # Ctrl-C / SIGTERM reached some rank during the last step: all stop here
-        print0(f"Interrupted (Ctrl-C or SIGTERM): saving step {step} and exiting")
-        if step != resume_from_step:
-            save_current_step()
-        print0(f"Stopped at step {step}. Continue with the same command plus --resume_from_step={step}")
+    if stop_now and not last_step:  # Ctrl-C / SIGTERM reached some rank: all stop here
+        stop_and_save()
         interrupted = True
         break
 
     # validation bits per byte (all ranks take part)
-    if eval_every > 0 and (last_step or step % eval_every == 0):
+    if eval_due:
         model.eval()
         with autocast_ctx:
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
@@ -336,11 +360,18 @@ while True:
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time, "val/bpb": val_bpb})
         model.train()
 
-    # CORE metric (all ranks take part; the uncompiled model, since shapes vary)
-    if core_metric_every > 0 and (last_step or (step > 0 and step % core_metric_every == 0)):
+    # CORE metric (all ranks take part; the uncompiled model, since shapes vary). Minutes long: a stop
+    # request ends it between tasks.
+    if core_due:
         orig_model.eval()
         with autocast_ctx:
-            results = evaluate_core(orig_model, tokenizer, device, eval_bundle_dir, max_per_task=core_metric_max_per_task)
+            results = evaluate_core(orig_model, tokenizer, device, eval_bundle_dir, max_per_task=core_metric_max_per_task,
+                                    should_stop=lambda: stop.anywhere(device))
+        if results is None:
+            results = {}
+            stop_and_save()
+            interrupted = True
+            break
         print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}")
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
                        "centered_results": results["centered_results"]})
@@ -353,9 +384,10 @@ while True:
             print0(greedy_sample(orig_model, tokenizer, prompt, 16, autocast_ctx))
         orig_model.train()
 
-    # checkpoint: at the end, and every save_every steps (not the step we resumed from: it is on disk)
-    if step != resume_from_step and (last_step or (save_every > 0 and step > 0 and step % save_every == 0)):
+    # checkpoint: at the end, every save_every steps and save_every_minutes (not the step we resumed from: it is on disk)
+    if step != resume_from_step and (last_step or save_due or (save_every > 0 and step > 0 and step % save_every == 0)):
         save_current_step()
+    save_due = False
 
     if last_step:
         break
@@ -371,21 +403,25 @@ while True:
         (loss / grad_accum_steps).backward()  # .backward() sums gradients: average them instead
         consumed_loader_state = loader_state  # the batch in hand is consumed; a resume starts after it
         x, y, loader_state = next(train_loader)  # fetch the next batch while the device works
-    # one small exchange tells every rank the mean loss, whether any rank saw inf/nan, or was told to stop
+    # one small exchange tells every rank the mean loss, whether any rank saw inf/nan, was told to stop, or
+    # (rank 0's clock) whether a timed save is due
+    time_to_save = master_process and save_every_minutes > 0 and time.time() - last_save_time >= 60 * save_every_minutes
     step_flags = torch.stack([loss_sum / grad_accum_steps, (~torch.isfinite(loss_sum)).float(),
-                              torch.tensor(float(stop.requested), device=device)])
+                              torch.tensor(float(stop.requested), device=device),
+                              torch.tensor(float(time_to_save), device=device)])
     if ddp:
         dist.all_reduce(step_flags, op=dist.ReduceOp.SUM)
-    train_loss, any_nonfinite, any_stop = step_flags.tolist()
+    train_loss, any_nonfinite, any_stop, any_save_due = step_flags.tolist()
     train_loss /= ddp_world_size
     stop_now = any_stop > 0
+    save_due = any_save_due > 0
     if any_nonfinite > 0:
         saved = list_steps(checkpoint_dir)
         last_good = (f"The last good checkpoint is step {saved[-1]} in {checkpoint_dir} (continue with --resume_from_step={saved[-1]})"
                      if saved else "No checkpoint was saved before it")
         step_log.close()
         fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights. "
-             f"{last_good}; a lower learning rate or --grad_clip may help.")
+             f"{last_good}; a lower learning rate or --grad_clip may help.", every_rank_agrees=True)
     grad_norm = None
     if grad_clip > 0.0:
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), grad_clip).item()
