@@ -27,12 +27,14 @@ import shutil
 import tempfile
 import time
 import zipfile
+import zlib
 
 import torch
 import torch.distributed as dist
 from filelock import FileLock
 
-from nanochat.common import download_file_with_lock, format_seconds, get_base_dir, print0
+from nanochat.common import atomic_write, download_file_with_lock, format_seconds, get_base_dir, print0
+from nanochat.integrity import MANIFEST, DamagedFileError, record_problem
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -237,29 +239,40 @@ def load_bundle(bundle_dir):
     for path in (config_path, meta_path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a complete eval bundle; delete it to re-download")
-    with open(config_path, "r", encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    tasks = []
-    for task in config["icl_tasks"]:
-        tasks.append({
-            "label": task["label"],
-            "path": os.path.join(bundle_dir, "eval_data", task["dataset_uri"]),
-            "task_meta": {
-                "task_type": task["icl_task_type"],
-                "dataset_uri": task["dataset_uri"],
-                "num_fewshot": task["num_fewshot"][0],
-                "continuation_delimiter": task.get("continuation_delimiter", " "),
-            },
-        })
-    with open(meta_path, "r", encoding="utf-8") as f:
-        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    try:
+        with open(config_path, "r", encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        tasks = []
+        for task in config["icl_tasks"]:
+            tasks.append({
+                "label": task["label"],
+                "path": os.path.join(bundle_dir, "eval_data", task["dataset_uri"]),
+                "task_meta": {
+                    "task_type": task["icl_task_type"],
+                    "dataset_uri": task["dataset_uri"],
+                    "num_fewshot": task["num_fewshot"][0],
+                    "continuation_delimiter": task.get("continuation_delimiter", " "),
+                },
+            })
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, IndexError, TypeError) as e:
+        raise DamagedFileError(config_path, f"it is not a readable task list ({type(e).__name__}: {e})",
+                               bundle_fix(bundle_dir)) from None
+    try:
+        with open(meta_path, "r", encoding="utf-8") as f:
+            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    except (UnicodeDecodeError, KeyError, ValueError, TypeError, csv.Error) as e:
+        raise DamagedFileError(meta_path, f"it is not a readable baseline table ({type(e).__name__}: {e})",
+                               bundle_fix(bundle_dir)) from None
     return tasks, baselines
 
 
 def load_task_data(path, max_per_task=-1):
     """Examples of one task in a fixed shuffled order (the files are often sorted), then cropped."""
-    with open(path, "r", encoding="utf-8") as f:
-        data = [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = [json.loads(line) for line in f if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFileError(path, f"a line is not valid JSON ({e})", bundle_fix(os.path.dirname(path))) from None
     random.Random(1337).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
 
@@ -320,32 +333,70 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, should_
 _DEFAULT_EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
 
+def bundle_fix(path_inside):
+    """What to do about a damaged file of the unpacked bundle (or of the zip)."""
+    bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
+    zip_path = os.path.join(get_base_dir(), "eval_bundle.zip")
+    if os.path.abspath(path_inside).startswith(os.path.abspath(bundle_dir) + os.sep):
+        return (f"Delete the unpacked bundle (rm -r {bundle_dir}) and run the same command again: it is unpacked "
+                f"again from {zip_path} (downloaded again if that is gone too).")
+    return (f"Delete it (rm {zip_path}) and run the same command again: it is downloaded again from "
+            f"NANOCHAT_EVAL_BUNDLE_URL (if the source is damaged too, point that at a good copy).")
+
+
 def unpack_bundle(zip_path):
     """
     Unzip into a temporary folder next to the destination, then rename it into place, so that
     <base>/eval_bundle either does not exist or is complete (an interrupted unzip leaves no half bundle).
+    The zip's own sizes and CRC-32s of the unpacked files go into eval_bundle/manifest.json.
     """
     base_dir = get_base_dir()
     bundle_dir = os.path.join(base_dir, "eval_bundle")
     tmp_dir = tempfile.mkdtemp(dir=base_dir, prefix="eval_bundle.", suffix=".tmp")
     try:
-        with zipfile.ZipFile(zip_path, "r") as zf:
-            zf.extractall(tmp_dir)
+        try:
+            with zipfile.ZipFile(zip_path, "r") as zf:
+                zf.extractall(tmp_dir)  # checks every member's CRC-32
+                members = [info for info in zf.infolist() if not info.is_dir()]
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise DamagedFileError(zip_path, f"it is not a readable zip ({e})", bundle_fix(zip_path)) from None
         # The published zip holds a top-level eval_bundle/ folder; accept a zip of its contents too.
         candidates = [os.path.join(tmp_dir, "eval_bundle"), tmp_dir]
         unpacked = next((c for c in candidates if os.path.exists(os.path.join(c, "core.yaml"))), None)
         if unpacked is None:
             raise ValueError(f"{zip_path} has no core.yaml (at its root or under eval_bundle/): not an eval bundle")
+        prefix = os.path.relpath(unpacked, tmp_dir)
+        records = {os.path.relpath(info.filename, prefix) if prefix != "." else info.filename:
+                   {"size": info.file_size, "crc32": f"{info.CRC:08x}"} for info in members}
+        atomic_write(os.path.join(unpacked, MANIFEST), lambda f: json.dump(records, f, indent=1), mode="w")
         os.rename(unpacked, bundle_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     print0(f"Unpacked the eval bundle to {bundle_dir}")
 
 
+def verify_bundle(bundle_dir):
+    """Every unpacked file as the zip held it (by its manifest; a bundle unpacked without one is not checked)."""
+    manifest = os.path.join(bundle_dir, MANIFEST)
+    if not os.path.exists(manifest):
+        return
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            records = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFileError(manifest, f"it is not valid JSON ({e})", bundle_fix(manifest)) from None
+    for name, record in records.items():
+        path = os.path.join(bundle_dir, name)
+        problem = record_problem(path, record)
+        if problem is not None:
+            raise DamagedFileError(path, problem, bundle_fix(path))
+
+
 def ensure_eval_bundle():
     """Path of the unpacked eval bundle, downloading and unpacking it first if needed (once across ranks)."""
     bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
     if os.path.isdir(bundle_dir):
+        verify_bundle(bundle_dir)
         return bundle_dir
     url = os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or _DEFAULT_EVAL_BUNDLE_URL
     if os.path.exists(url):  # a plain local path
@@ -359,6 +410,7 @@ def ensure_eval_bundle():
     with FileLock(zip_path + ".lock"):
         if not os.path.isdir(bundle_dir):
             unpack_bundle(zip_path)
+    verify_bundle(bundle_dir)
     return bundle_dir
 
 

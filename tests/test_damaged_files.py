@@ -212,3 +212,51 @@ def test_damaged_task_data_is_named_and_comes_back_once_deleted(hub, base_dir, d
         assert snapshot(base_dir) == before
         os.remove(path)  # what the message says to do
     assert [ARC("ARC-Easy", "train")[i] for i in range(5)] == examples and SpellingBee(size=5)[0] == words
+
+
+# ---------------------------------------------------------------------------------------------
+# the CORE eval bundle: the zip (checked by its own CRCs when unpacked) and the unpacked files (by a manifest
+# made from the zip's records)
+
+
+@pytest.fixture
+def bundle_zip(tmp_path, monkeypatch):
+    import shutil
+    from test_core_eval import make_bundle
+    base = tmp_path / "base"
+    base.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    source = make_bundle(str(tmp_path / "source"))
+    zip_path = shutil.make_archive(str(tmp_path / "bundle"), "zip", root_dir=os.path.dirname(source), base_dir="eval_bundle")
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", zip_path)
+    return base
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name", ["core.yaml", "eval_meta_data.csv", "eval_data/mc.jsonl"])
+def test_damaged_unpacked_bundle_file(bundle_zip, name, damage):
+    from nanochat.core_eval import ensure_eval_bundle, load_bundle
+    bundle_dir = ensure_eval_bundle()
+    tasks, _ = load_bundle(bundle_dir)
+    DAMAGES[damage](os.path.join(bundle_dir, name))
+    before = snapshot(bundle_zip)
+    expect_damaged(ensure_eval_bundle, os.path.join(bundle_dir, name), f"rm -r {bundle_dir}")
+    assert snapshot(bundle_zip) == before
+    import shutil
+    shutil.rmtree(bundle_dir)  # what the message says to do
+    assert load_bundle(ensure_eval_bundle())[0] == tasks
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_bundle_zip(bundle_zip, damage):
+    import shutil
+    from nanochat.core_eval import ensure_eval_bundle
+    bundle_dir = ensure_eval_bundle()
+    shutil.rmtree(bundle_dir)
+    zip_path = bundle_zip / "eval_bundle.zip"
+    DAMAGES[damage](zip_path)
+    before = snapshot(bundle_zip)
+    expect_damaged(ensure_eval_bundle, zip_path, f"rm {zip_path}")
+    assert snapshot(bundle_zip) == before
+    os.remove(zip_path)
+    assert ensure_eval_bundle() == bundle_dir
