@@ -17,10 +17,9 @@ from collections import deque
 
 import torch
 import torch.distributed as dist
-import pyarrow.parquet as pq
 
 from nanochat.common import get_dist_info, print0
-from nanochat.dataset import list_split_files
+from nanochat.dataset import list_split_files, open_shard, read_texts
 
 STATE_KEYS = ("epoch", "shard", "row_group", "doc", "token")
 
@@ -57,7 +56,8 @@ def _document_chunks(split, rank, world_size, chunk_size, start):
     for this rank's row groups, beginning at `start` (a state dict) or at the very beginning.
     """
     files = list_split_files(split)
-    row_groups = {shard: pq.ParquetFile(path).num_row_groups for shard, path in files}
+    # every footer now (a damaged shard is named before any training); checksums when each shard is reached
+    row_groups = {shard: open_shard(path, verify=False).num_row_groups for shard, path in files}
     if not any(n > rank for n in row_groups.values()):
         raise ValueError(f"The {split} split has no row group for rank {rank} of {world_size} "
                          f"(row groups per shard: {row_groups}); download more shards or use fewer ranks")
@@ -73,12 +73,12 @@ def _document_chunks(split, rank, world_size, chunk_size, start):
         for shard, path in files:
             if first_shard is not None and shard < first_shard:
                 continue  # before the resume point (first epoch after a resume only)
-            pf = pq.ParquetFile(path)
+            pf = open_shard(path)
             rg_start = rank
             if first_shard is not None:
                 rg_start, first_shard = first_rg, None
             for rg in range(rg_start, pf.num_row_groups, world_size):
-                texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                texts = read_texts(pf, path, rg)
                 for i in range(first_doc, len(texts), chunk_size):
                     yield (epoch, shard, rg, i), texts[i:i + chunk_size]
                 first_doc = 0

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, fetch_url_to_file, format_seconds
+from nanochat.integrity import DamagedFileError, verify_in_manifest
 
 # FineWeb-Edu-100B, shuffled and re-sharded for nanochat: shards 0..1822, about 100 MB each.
 DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -97,15 +98,50 @@ def list_split_files(split):
     return files
 
 
+# -----------------------------------------------------------------------------
+# Reading shards. Where a damaged shard is caught, by what it costs over the 240 shards of the speedrun
+# (python -m dev.bench_shards): every footer, up front, takes ~40 ms, so a run opens all of its shards'
+# footers at the start; a full CRC-32 of all of them would take ~25-40 s (per rank), a full decode 4-6
+# minutes, so each shard's checksum is verified when the run comes to it (~0.1 s per 94 MB shard, against
+# the minute or so spent training on it), and a damaged row group is reported when it is read.
+
+def repair_hint(path):
+    """What to do about a damaged shard: delete it and download it again."""
+    index = shard_index(path)
+    count = index + 1 if index < get_max_shard() else 0  # -n N fetches training shards 0..N-1 and the val shard
+    return f"Delete it and download it again: rm {path} && python -m nanochat.dataset -n {count}"
+
+
+def open_shard(path, verify=True):
+    """
+    pq.ParquetFile of a shard whose footer reads; verify=True also checks the whole file against the size
+    and CRC-32 recorded when it was downloaded (shards fetched before records existed are not checked).
+    """
+    if verify:
+        verify_in_manifest(path, repair_hint(path))
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
+        raise DamagedFileError(path, f"it is not a readable parquet file ({e})", repair_hint(path)) from None
+
+
+def read_texts(pf, path, rg_idx):
+    """The `text` column of one row group, as a list of str."""
+    try:
+        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    except Exception as e:
+        raise DamagedFileError(path, f"row group {rg_idx} is unreadable ({e})", repair_hint(path)) from None
+
+
 def parquets_iter_batched(split, start=0, step=1):
     """
     Yield the texts (list of str) of one parquet row group at a time, over all files of the split.
     start/step pick every step-th row group of each file, e.g. start=rank, step=world_size.
     """
     for _, path in list_split_files(split):
-        pf = pq.ParquetFile(path)
+        pf = open_shard(path)
         for rg_idx in range(start, pf.num_row_groups, step):
-            yield pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+            yield read_texts(pf, path, rg_idx)
 
 
 def check_shard(path, full=True):

@@ -260,3 +260,74 @@ def test_damaged_bundle_zip(bundle_zip, damage):
     assert snapshot(bundle_zip) == before
     os.remove(zip_path)
     assert ensure_eval_bundle() == bundle_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# the scripts: a damaged shard, checkpoint or tokenizer stops them with exit code 1, the message, no traceback
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory):
+    """Shards (recorded in base_data/manifest.json as the downloader does), a tokenizer, checkpoints at steps 3 and 6."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nanochat.integrity import add_to_manifest
+    from test_base_train import TOY, make_documents, run_train
+    base = tmp_path_factory.mktemp("trained")
+    rng = random.Random(0)
+    data = base / "base_data"
+    data.mkdir()
+    for shard in range(4):
+        pq.write_table(pa.table({"text": make_documents(rng, 64)}), data / f"shard_{shard:05d}.parquet", row_group_size=8)
+        add_to_manifest(str(data), {f"shard_{shard:05d}.parquet": file_record(data / f"shard_{shard:05d}.parquet")})
+    RustBPETokenizer.train_from_iterator(iter(make_documents(rng, 200)), VOCAB).save(str(base / "tokenizer"))
+    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATA_MAX_SHARD")}
+    os.environ.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATA_MAX_SHARD="3")
+    try:
+        assert run_train([*TOY, "--model_tag=d2", "--save_every=3"]) == 0
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return base
+
+
+SCRIPT_CASES = {
+    # name: (file to damage, command, what the fix must say)
+    "shard/base_train": ("base_data/shard_00000.parquet", ["scripts.base_train", "--model_tag=fresh"],
+                         "rm {base}/base_data/shard_00000.parquet && python -m nanochat.dataset -n 1"),
+    "model/base_train": ("base_checkpoints/d2/model_000006.pt", ["scripts.base_train", "--model_tag=d2",
+                                                                "--resume_from_step=6"], "--resume_from_step=3"),
+    "optimizer/base_train": ("base_checkpoints/d2/optim_000006_rank0.pt", ["scripts.base_train", "--model_tag=d2",
+                                                                          "--resume_from_step=6"], "--resume_from_step=3"),
+    "model/sample": ("base_checkpoints/d2/model_000006.pt", ["scripts.sample", "--device_type=cpu", "--max_tokens=4"],
+                     "--step=3"),
+    "tokenizer/tok_eval": ("tokenizer/tokenizer.pkl", ["scripts.tok_eval", "--no_baselines"], "python -m scripts.tok_train"),
+    "token_bytes/base_train": ("tokenizer/token_bytes.pt", ["scripts.base_train", "--model_tag=fresh"],
+                               "python -m scripts.tok_train"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("case", SCRIPT_CASES)
+def test_scripts_stop_with_the_file_and_the_fix(trained_base, tmp_path, case, damage):
+    from test_base_train import TOY
+    base = tmp_path / "base"
+    shutil.copytree(trained_base, base)
+    name, command, fix = SCRIPT_CASES[case]
+    DAMAGES[damage](base / name)
+    before = snapshot(base)
+    args = [*command, *TOY] if command[0] == "scripts.base_train" else command
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATA_MAX_SHARD="3", PYTHONPATH=REPO_ROOT)
+    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"{base / name} is damaged" in result.stderr and fix.format(base=base) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert snapshot(base) == before
