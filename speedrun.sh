@@ -38,7 +38,8 @@ VOCAB_SIZE=${SPEEDRUN_VOCAB_SIZE:-65536}
 SAVE_MINUTES=${SPEEDRUN_SAVE_MINUTES:-30}
 MODEL_TAG="d$DEPTH"
 export OMP_NUM_THREADS=1  # one process per GPU: keep each one's CPU threads from fighting
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}  # time to save after a stop (torch >= 2.11)
+# seconds torchrun gives the workers to save after a stop before it kills them (its default: 30)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 
 # launch SCRIPT SETTINGS...: python -m scripts.SCRIPT on NPROC_PER_NODE processes of DEVICE_TYPE, plus the
 # settings in SPEEDRUN_<SCRIPT>_ARGS
@@ -70,7 +71,8 @@ echo "Downloading the remaining shards in the background (pid $DOWNLOAD_PID, log
 stage "tokenizer" "$BASE_DIR/tokenizer/token_bytes.pt" \
     python -m scripts.tok_train --max_chars="$TOK_MAX_CHARS" --vocab_size="$VOCAB_SIZE"
 # shellcheck disable=SC2086
-stage "tokenizer evaluation" "$BASE_DIR/report/tokenizer-evaluation.md" python -m scripts.tok_eval ${SPEEDRUN_TOK_EVAL_ARGS:-}
+stage "tokenizer evaluation" "$BASE_DIR/report/tokenizer-evaluation.md" \
+    python -m scripts.tok_eval ${SPEEDRUN_TOK_EVAL_ARGS:-}
 
 STAGE="data (all $SHARDS shards)"
 echo "Waiting for the background download to finish..."
@@ -101,7 +103,8 @@ fi
 # Evaluation: bits per byte on bigger train/val slices with a few samples, then CORE.
 stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" launch base_loss --model_tag="$MODEL_TAG"
 LAST_STEP=$(printf %06d "$(last_checkpoint_step)")
-stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$LAST_STEP.csv" launch base_eval --model_tag="$MODEL_TAG"
+stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$LAST_STEP.csv" \
+    launch base_eval --model_tag="$MODEL_TAG"
 
 # Midtraining (about 10 minutes on 8xH100): one epoch of ~850K conversations packed like pretraining data,
 # teaching the chat special tokens, multiple choice, calculator use and spelling; identity conversations

@@ -54,7 +54,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, default=240)
     parser.add_argument("--dir", default=tempfile.gettempdir())
-    parser.add_argument("--real", default="", help="a real-size shard to time crc32/decode on (default: a generated one)")
+    parser.add_argument("--real", default="",
+                        help="a real-size shard to time crc32/decode on (default: a generated one)")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(dir=args.dir, prefix="bench_shards.")
     try:
@@ -82,7 +83,8 @@ def main():
               f"and scaled to {args.shards} x {REAL_SHARD_MB} MB")
         print(f"  footer, all shards:  cold {footer_cold * 1000:.0f} ms | warm {footer_warm * 1000:.0f} ms")
         print(f"  crc32, all shards:   cold {crc_cold * scale:.1f} s | warm {crc_warm * scale:.1f} s "
-              f"(per shard: {crc_cold * REAL_SHARD_MB / size_mb * 1000:.0f} / {crc_warm * REAL_SHARD_MB / size_mb * 1000:.0f} ms)")
+              f"(per shard: {crc_cold * REAL_SHARD_MB / size_mb * 1000:.0f} / "
+              f"{crc_warm * REAL_SHARD_MB / size_mb * 1000:.0f} ms)")
         print(f"  decode, all shards:  cold {decode_cold * scale:.1f} s | warm {decode_warm * scale:.1f} s")
     finally:
         shutil.rmtree(folder)

@@ -28,16 +28,19 @@ cd "$REPO_ROOT"
 first_existing() { for p in "$@"; do if [ -e "$p" ]; then echo "$p"; return; fi; done; echo "$1"; }
 
 DRY=${GPU_CHECK_DRY:-0}
-if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}; else PYTHON=${PYTHON:-python3}; fi
+if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}
+else PYTHON=${PYTHON:-python3}; fi
 DATA=$(first_existing "${GPU_CHECK_DATA:-}" shared/data/corpus ../shared/data/corpus ../../shared/data/corpus)
-BUNDLE=$(first_existing "${GPU_CHECK_EVAL_BUNDLE:-}" shared/data/eval_bundle.zip ../shared/data/eval_bundle.zip ../../shared/data/eval_bundle.zip)
+BUNDLE=$(first_existing "${GPU_CHECK_EVAL_BUNDLE:-}" shared/data/eval_bundle.zip ../shared/data/eval_bundle.zip \
+    ../../shared/data/eval_bundle.zip)
 WHEELS=$(first_existing "${GPU_CHECK_WHEELS:-}" .whl)
 OUT=${GPU_CHECK_OUT:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 BASE=${GPU_CHECK_BASE_DIR:-$(mktemp -d /tmp/gpu_check_base.XXXXXX)}
 mkdir -p "$OUT" "$BASE"
 OUT=$(cd "$OUT" && pwd); BASE=$(cd "$BASE" && pwd)
 if ! ls "$DATA"/shard_*.parquet >/dev/null 2>&1; then
-    echo "gpu_check: no shard_*.parquet in '$DATA': set GPU_CHECK_DATA to a folder of them (the last is the validation shard)" >&2
+    echo "gpu_check: no shard_*.parquet in '$DATA': set GPU_CHECK_DATA to a folder of them" \
+        "(the last is the validation shard)" >&2
     exit 1
 fi
 DATA=$(cd "$DATA" && pwd)
@@ -63,7 +66,8 @@ stage() {
     echo "=== $name (limit ${limit}s)"
     timeout --kill-after=20 "$limit" "$@" 2>&1 | tee "$log"
     code=${PIPESTATUS[0]}
-    if [ "$code" = 124 ] || [ "$code" = 137 ]; then status="TIMEOUT after ${limit}s"; elif [ "$code" != 0 ]; then status="FAILED (exit $code)"; fi
+    if [ "$code" = 124 ] || [ "$code" = 137 ]; then status="TIMEOUT after ${limit}s"
+    elif [ "$code" != 0 ]; then status="FAILED (exit $code)"; fi
     printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" "$log" >> "$RESULTS"
     [ "$status" = ok ]
 }
@@ -71,11 +75,14 @@ stage() {
 echo "gpu_check: logs in $OUT, data/checkpoints in $BASE"
 {
     echo "python: $PYTHON ($("$PYTHON" -c 'import sys; print(sys.version.split()[0])'))"
-    "$PYTHON" -c "import torch; print(f'torch {torch.__version__}, CUDA build {torch.version.cuda}, cuda available: {torch.cuda.is_available()}'); print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+    "$PYTHON" -c "import torch
+print(f'torch {torch.__version__}, CUDA build {torch.version.cuda}, cuda available: {torch.cuda.is_available()}')
+print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     # can speedrun.sh give the workers time to save when stopped? (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
     "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- "--shutdown-timeout" \
-        && echo "torchrun: --shutdown-timeout supported" || echo "torchrun: no --shutdown-timeout (workers get 30 s after a stop)"
+        && echo "torchrun: --shutdown-timeout supported" \
+        || echo "torchrun: no --shutdown-timeout (workers get 30 s after a stop)"
 } | tee "$OUT/environment.txt"
 
 # Wheels: only the distributions this interpreter lacks, into a private folder put on PYTHONPATH
@@ -132,7 +139,8 @@ if [ -n "${REF_DIR:-}" ]; then
     REF_DIR=$(cd "$REF_DIR" && pwd)
     # The reference imports wandb at the top even for run=dummy: a stand-in where wandb is not installed.
     STUBS="$BASE/ref_stubs"; mkdir -p "$STUBS"
-    "$PYTHON" -c "import wandb" 2>/dev/null || echo "def init(*a, **k): raise RuntimeError('wandb is a stand-in here')" > "$STUBS/wandb.py"
+    "$PYTHON" -c "import wandb" 2>/dev/null \
+        || echo "def init(*a, **k): raise RuntimeError('wandb is a stand-in here')" > "$STUBS/wandb.py"
     # it evaluates val bpb at the first and last step (one batch each) and saves at the end; no CORE
     # shellcheck disable=SC2046
     stage "reference base_train" 420 env PYTHONPATH="$SITE:$REF_DIR:$STUBS" bash -c 'cd "$0" && exec "$@"' "$REF_DIR" \
@@ -141,7 +149,8 @@ if [ -n "${REF_DIR:-}" ]; then
 fi
 
 # 4. evaluation and generation on the checkpoint just trained
-stage "base_eval" 240 "$PYTHON" -m scripts.base_eval --model_tag=gpucheck --max_per_task="$PER_TASK" --device_type="$DEVICE"
+stage "base_eval" 240 "$PYTHON" -m scripts.base_eval --model_tag=gpucheck --max_per_task="$PER_TASK" \
+    --device_type="$DEVICE"
 stage "sample" 120 "$PYTHON" -m scripts.sample --model_tag=gpucheck --prompt="The capital of France is" \
     --num_samples=2 --max_tokens=32 --temperature=0 --device_type="$DEVICE"
 
@@ -176,7 +185,8 @@ for name, (status, seconds, log) in last.items():
             numbers[name] = n
             memory = f"{n['peak_mib']:,.0f} MiB" if n["peak_mib"] else "n/a"
             result = (f"d{depth}, {batch}x{seq} tokens/step, {n['steps']} steps: compile ~{n['compile_s']:.1f}s "
-                      f"(first step {n['first_step_s']:.1f}s), steady {n['tok_s']:,.0f} tok/s, MFU {n['mfu']:.1f}%, peak {memory}")
+                      f"(first step {n['first_step_s']:.1f}s), steady {n['tok_s']:,.0f} tok/s, "
+                      f"MFU {n['mfu']:.1f}%, peak {memory}")
     elif name == "gpu tests":
         m = re.findall(r"(\d+ (?:passed|failed|skipped|error)[^\n]*) in [\d.]+s", text)
         result = m[-1] if m else ""
@@ -192,9 +202,10 @@ for name, (status, seconds, log) in last.items():
     lines.append(f"| {name} | {status} | {seconds} | {result} |")
 if "ours base_train" in numbers and "reference base_train" in numbers:
     ours, ref = numbers["ours base_train"], numbers["reference base_train"]
-    lines.append(f"| ours / reference | | | tok/s ratio {ours['tok_s'] / ref['tok_s']:.3f}, compile {ours['compile_s']:.1f}s vs "
-                 f"{ref['compile_s']:.1f}s" + (f", peak memory ratio {ours['peak_mib'] / ref['peak_mib']:.3f}"
-                                                if ours["peak_mib"] and ref["peak_mib"] else "") + " |")
+    memory = (f", peak memory ratio {ours['peak_mib'] / ref['peak_mib']:.3f}"
+              if ours["peak_mib"] and ref["peak_mib"] else "")
+    lines.append(f"| ours / reference | | | tok/s ratio {ours['tok_s'] / ref['tok_s']:.3f}, "
+                 f"compile {ours['compile_s']:.1f}s vs {ref['compile_s']:.1f}s{memory} |")
 summary = "\n".join(lines)
 open(summary_path, "w").write(summary + "\n")
 print("\n" + summary)

@@ -131,7 +131,8 @@ print0(f"Parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:e}")
 tokens_per_fwdbwd = device_batch_size * max_seq_len  # one forward/backward on one rank
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * ddp_world_size
 if total_batch_size <= 0 or total_batch_size % world_tokens_per_fwdbwd != 0:
-    fail(batch_size_suggestions(total_batch_size, device_batch_size, max_seq_len, ddp_world_size), every_rank_agrees=True)
+    fail(batch_size_suggestions(total_batch_size, device_batch_size, max_seq_len, ddp_world_size),
+         every_rank_agrees=True)
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
 print0(f"Batch: {device_batch_size} x {max_seq_len} tokens x {ddp_world_size} ranks x {grad_accum_steps} accumulation steps = {total_batch_size:,} tokens per step")
 
@@ -365,8 +366,8 @@ while True:
     if core_due:
         orig_model.eval()
         with autocast_ctx:
-            results = evaluate_core(orig_model, tokenizer, device, eval_bundle_dir, max_per_task=core_metric_max_per_task,
-                                    should_stop=lambda: stop.anywhere(device))
+            results = evaluate_core(orig_model, tokenizer, device, eval_bundle_dir,
+                                    max_per_task=core_metric_max_per_task, should_stop=lambda: stop.anywhere(device))
         if results is None:
             results = {}
             stop_and_save()
@@ -384,8 +385,9 @@ while True:
             print0(greedy_sample(orig_model, tokenizer, prompt, 16, autocast_ctx))
         orig_model.train()
 
-    # checkpoint: at the end, every save_every steps and save_every_minutes (not the step we resumed from: it is on disk)
-    if step != resume_from_step and (last_step or save_due or (save_every > 0 and step > 0 and step % save_every == 0)):
+    # checkpoint: at the end, every save_every steps and save_every_minutes (not the step resumed from: it is on disk)
+    every_steps = save_every > 0 and step > 0 and step % save_every == 0
+    if step != resume_from_step and (last_step or save_due or every_steps):
         save_current_step()
     save_due = False
 

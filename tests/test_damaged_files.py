@@ -204,7 +204,8 @@ def test_damaged_task_data_is_named_and_comes_back_once_deleted(hub, base_dir, d
     from tasks.spellingbee import SpellingBee
     examples = [ARC("ARC-Easy", "train")[i] for i in range(5)]
     words = SpellingBee(size=5)[0]
-    for path, load in ((base_dir / "task_data/allenai/ai2_arc/ARC-Easy/train/0000.parquet", lambda: ARC("ARC-Easy", "train")),
+    arc_file = base_dir / "task_data/allenai/ai2_arc/ARC-Easy/train/0000.parquet"
+    for path, load in ((arc_file, lambda: ARC("ARC-Easy", "train")),
                        (base_dir / "task_data/words_alpha.txt", lambda: SpellingBee(size=5))):
         DAMAGES[damage](path)
         before = snapshot(base_dir)
@@ -227,7 +228,8 @@ def bundle_zip(tmp_path, monkeypatch):
     base.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     source = make_bundle(str(tmp_path / "source"))
-    zip_path = shutil.make_archive(str(tmp_path / "bundle"), "zip", root_dir=os.path.dirname(source), base_dir="eval_bundle")
+    zip_path = shutil.make_archive(str(tmp_path / "bundle"), "zip", root_dir=os.path.dirname(source),
+                                   base_dir="eval_bundle")
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", zip_path)
     return base
 
@@ -274,7 +276,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def trained_base(tmp_path_factory):
-    """Shards (recorded in base_data/manifest.json as the downloader does), a tokenizer, checkpoints at steps 3 and 6."""
+    """Shards (recorded in base_data/manifest.json, as downloads are), a tokenizer, checkpoints at steps 3 and 6."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from nanochat.integrity import add_to_manifest
@@ -284,8 +286,9 @@ def trained_base(tmp_path_factory):
     data = base / "base_data"
     data.mkdir()
     for shard in range(4):
-        pq.write_table(pa.table({"text": make_documents(rng, 64)}), data / f"shard_{shard:05d}.parquet", row_group_size=8)
-        add_to_manifest(str(data), {f"shard_{shard:05d}.parquet": file_record(data / f"shard_{shard:05d}.parquet")})
+        path = data / f"shard_{shard:05d}.parquet"
+        pq.write_table(pa.table({"text": make_documents(rng, 64)}), path, row_group_size=8)
+        add_to_manifest(str(data), {path.name: file_record(path)})
     RustBPETokenizer.train_from_iterator(iter(make_documents(rng, 200)), VOCAB).save(str(base / "tokenizer"))
     saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATA_MAX_SHARD")}
     os.environ.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATA_MAX_SHARD="3")
@@ -301,13 +304,14 @@ SCRIPT_CASES = {
     # name: (file to damage, command, what the fix must say)
     "shard/base_train": ("base_data/shard_00000.parquet", ["scripts.base_train", "--model_tag=fresh"],
                          "rm {base}/base_data/shard_00000.parquet && python -m nanochat.dataset -n 1"),
-    "model/base_train": ("base_checkpoints/d2/model_000006.pt", ["scripts.base_train", "--model_tag=d2",
-                                                                "--resume_from_step=6"], "--resume_from_step=3"),
-    "optimizer/base_train": ("base_checkpoints/d2/optim_000006_rank0.pt", ["scripts.base_train", "--model_tag=d2",
-                                                                          "--resume_from_step=6"], "--resume_from_step=3"),
+    "model/base_train": ("base_checkpoints/d2/model_000006.pt",
+                         ["scripts.base_train", "--model_tag=d2", "--resume_from_step=6"], "--resume_from_step=3"),
+    "optimizer/base_train": ("base_checkpoints/d2/optim_000006_rank0.pt",
+                             ["scripts.base_train", "--model_tag=d2", "--resume_from_step=6"], "--resume_from_step=3"),
     "model/sample": ("base_checkpoints/d2/model_000006.pt", ["scripts.sample", "--device_type=cpu", "--max_tokens=4"],
                      "--step=3"),
-    "tokenizer/tok_eval": ("tokenizer/tokenizer.pkl", ["scripts.tok_eval", "--no_baselines"], "python -m scripts.tok_train"),
+    "tokenizer/tok_eval": ("tokenizer/tokenizer.pkl", ["scripts.tok_eval", "--no_baselines"],
+                           "python -m scripts.tok_train"),
     "token_bytes/base_train": ("tokenizer/token_bytes.pt", ["scripts.base_train", "--model_tag=fresh"],
                                "python -m scripts.tok_train"),
 }

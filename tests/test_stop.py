@@ -38,7 +38,8 @@ def test_core_evaluation_stops_between_tasks(tmp_path):
     bundle = make_bundle(str(tmp_path))
     model = BigramModel([(" ", "c"), ("p", "q"), ("d", " "), ("h", " "), ("c", "d")])
     asked = []
-    assert evaluate_core(model, CharTokenizer(), "cpu", bundle, should_stop=lambda: asked.append(1) or len(asked) > 2) is None
+    should_stop = lambda: asked.append(1) or len(asked) > 2  # noqa: E731
+    assert evaluate_core(model, CharTokenizer(), "cpu", bundle, should_stop=should_stop) is None
     assert len(asked) == 3  # asked before each task; the third answer was yes
     out = evaluate_core(model, CharTokenizer(), "cpu", bundle, should_stop=lambda: False)
     assert out["core_metric"] > 0
@@ -92,9 +93,9 @@ def stop_base_dir(tmp_path_factory):
 
 
 def torchrun_env(base):
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1", NANOCHAT_BASE_DIR=str(base),
-                NANOCHAT_DATA_MAX_SHARD="3", NANOCHAT_EVAL_BUNDLE_URL=str(base / "bundle.zip"),
-                TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120")
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1",
+                NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATA_MAX_SHARD="3",
+                NANOCHAT_EVAL_BUNDLE_URL=str(base / "bundle.zip"), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120")
 
 
 def torchrun_cmd(*args):
@@ -117,8 +118,8 @@ def test_sigterm_to_torchrun_during_core_evaluation_saves_a_step_that_resumes_ex
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     # CORE at step 3, all examples: SIGTERM to torchrun once the first task is done
-    proc = subprocess.Popen(torchrun_cmd("--model_tag=stopped", "--core_metric_every=3", "--core_metric_max_per_task=-1"),
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = torchrun_cmd("--model_tag=stopped", "--core_metric_every=3", "--core_metric_max_per_task=-1")
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output, sent = [], None
     deadline = time.time() + 600
     for line in proc.stdout:
