@@ -119,7 +119,8 @@ def test_sigterm_to_torchrun_during_core_evaluation_saves_a_step_that_resumes_ex
 
     # CORE at step 3, all examples: SIGTERM to torchrun once the first task is done
     command = torchrun_cmd("--model_tag=stopped", "--core_metric_every=3", "--core_metric_max_per_task=-1")
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     output, sent = [], None
     deadline = time.time() + 600
     for line in proc.stdout:
