@@ -102,8 +102,15 @@ for name in sorted(os.listdir(sys.argv[1])):
 EOF
 )
     if [ -n "$missing" ]; then
+        # a wheel is a zip laid out for site-packages: without pip, unpacking it there works as well
+        install_wheels() {
+            "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "$@" && return
+            echo "pip failed or is missing: unpacking the wheels into $SITE instead"
+            for wheel in "$@"; do "$PYTHON" -m zipfile -e "$wheel" "$SITE" || return; done
+        }
+        export -f install_wheels; export PYTHON SITE  # for the bash that `timeout` starts
         # shellcheck disable=SC2086
-        stage "wheels" 120 "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" $missing
+        stage "wheels" 120 bash -c 'install_wheels "$@"' install_wheels $missing
     fi
 fi
 export PYTHONPATH="$SITE:$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
