@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, fetch_url_to_file, format_seconds
-from nanochat.integrity import DamagedFileError, verify_in_manifest
+from nanochat.integrity import DamagedFileError, add_to_manifest, file_record, record_problem, read_manifest, \
+    verify_in_manifest
 
 # FineWeb-Edu-100B, shuffled and re-sharded for nanochat: shards 0..1822, about 100 MB each.
 DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -255,7 +256,9 @@ def download_shard(index, data_dir, base_url, retries, backoff, timeout, progres
         try:
             nbytes = fetch_url_to_file(url, unchecked, retries=1, timeout=timeout, progress=on_bytes)
             check_shard(unchecked, full=True)
+            record = file_record(unchecked)  # what a reader checks the shard against later
             os.replace(unchecked, path)
+            add_to_manifest(data_dir, {filename: record})
             return nbytes
         except DownloadCancelled:
             raise
@@ -295,13 +298,19 @@ def download_shards(indices, num_workers=4, retries=5, backoff=2.0, timeout=60, 
 
     # Valid shards already on disk are kept (a footer check is enough: we only ever rename checked files
     # into place). A damaged file under a shard's name is downloaded again and replaced.
+    # A shard whose size differs from the one recorded at its download was cut short since: replaced too.
     todo = []
+    records = read_manifest(data_dir)
     for index in indices:
         path = os.path.join(data_dir, shard_filename(index))
         if os.path.exists(path):
             try:
                 check_shard(path, full=False)
-                continue
+                problem = record_problem(path, records[shard_filename(index)], full=False) \
+                    if shard_filename(index) in records else None
+                if problem is None:
+                    continue
+                print(f"{shard_filename(index)} is on disk but {problem}; downloading it again")
             except ValueError as e:
                 print(f"{shard_filename(index)} is on disk but unusable ({e}); downloading it again")
         todo.append(index)

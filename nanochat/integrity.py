@@ -98,9 +98,11 @@ def verify_file(path, record, fix):
 MANIFEST = "manifest.json"
 
 
-def read_manifest(folder, fix):
+def read_manifest(folder, fix=None):
     """The records of folder/manifest.json ({} if there is none); DamagedFileError if it is unreadable."""
     path = os.path.join(folder, MANIFEST)
+    fix = fix or (f"Delete it (rm {path}): the files it lists are then used unchecked, and files downloaded "
+                  "from then on are recorded again.")
     if not os.path.exists(path):
         return {}
     try:
@@ -121,16 +123,19 @@ def add_to_manifest(folder, records):
     path = os.path.join(folder, MANIFEST)
     with FileLock(path + ".lock"):
         try:
-            current = read_manifest(folder, "")
+            current = read_manifest(folder)
         except DamagedFileError:
             current = {}  # a damaged manifest is rebuilt from what is recorded from now on
         current.update(records)
         atomic_write(path, lambda f: json.dump(current, f, indent=1, sort_keys=True), mode="w")
 
 
-def verify_in_manifest(path, fix, full=True):
-    """Check path against its folder's manifest entry, if it has one (DamagedFileError on a mismatch)."""
-    record = read_manifest(os.path.dirname(os.path.abspath(path)), fix).get(os.path.basename(path))
+def verify_in_manifest(path, fix, full=True, manifest_fix=None):
+    """
+    Check path against its folder's manifest entry, if it has one (DamagedFileError naming `fix` on a
+    mismatch; a damaged manifest itself is named with manifest_fix, by default: delete it).
+    """
+    record = read_manifest(os.path.dirname(os.path.abspath(path)), manifest_fix).get(os.path.basename(path))
     if record is not None:
         problem = record_problem(path, record, full=full)
         if problem is not None:

@@ -96,7 +96,7 @@ class RustBPETokenizer:
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
-        verify_in_manifest(path, REBUILD_HINT)
+        verify_in_manifest(path, REBUILD_HINT, manifest_fix=REBUILD_HINT)
         try:
             with open(path, "rb") as f:
                 enc = pickle.load(f)
@@ -297,7 +297,7 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no token byte counts at {path}: train a tokenizer with `python -m scripts.tok_train`")
-    verify_in_manifest(path, REBUILD_HINT)
+    verify_in_manifest(path, REBUILD_HINT, manifest_fix=REBUILD_HINT)
     try:
         token_bytes = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, ValueError) as e:

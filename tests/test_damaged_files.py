@@ -335,3 +335,33 @@ def test_scripts_stop_with_the_file_and_the_fix(trained_base, tmp_path, case, da
     assert f"{base / name} is damaged" in result.stderr and fix.format(base=base) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert snapshot(base) == before
+
+
+def test_downloads_are_recorded_and_a_cut_shard_is_fetched_again(tmp_path, monkeypatch, capsys):
+    """The downloader records each shard; a shard cut short since is noticed and replaced by the next download."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nanochat import dataset
+    from nanochat.integrity import read_manifest
+    source = tmp_path / "source"
+    source.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"text": [f"doc {i} {j}" for j in range(5000)]}), source / f"shard_{i:05d}.parquet",
+                       row_group_size=1000)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("NANOCHAT_DATA_URL", f"file://{source}")
+    monkeypatch.setenv("NANOCHAT_DATA_MAX_SHARD", "2")
+    assert dataset.main(["-n", "2"]) == 0
+    data = tmp_path / "base" / "base_data"
+    records = read_manifest(str(data))
+    assert records == {f"shard_{i:05d}.parquet": file_record(data / f"shard_{i:05d}.parquet") for i in range(3)}
+    flip_bit(data / "shard_00001.parquet")
+    expect_damaged(lambda: list(dataset.parquets_iter_batched("train")), data / "shard_00001.parquet",
+                   f"rm {data / 'shard_00001.parquet'} && python -m nanochat.dataset -n 2")
+    path = data / "shard_00001.parquet"  # bytes lost in the middle: header and footer still read, the size is off
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 3] + content[len(content) // 3 + 100:])
+    capsys.readouterr()
+    assert dataset.main(["-n", "2"]) == 0
+    assert "shard_00001.parquet is on disk but it has" in capsys.readouterr().out
+    assert read_manifest(str(data)) == records and len(list(dataset.parquets_iter_batched("train"))) == 10
