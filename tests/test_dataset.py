@@ -29,7 +29,8 @@ def read_texts(path):
 
 
 def data_files(base_dir):
-    return sorted(os.listdir(base_dir / "base_data"))
+    """The files in base_data besides the record of downloads (manifest.json and its lock)."""
+    return sorted(f for f in os.listdir(base_dir / "base_data") if not f.startswith("manifest.json"))
 
 
 @pytest.fixture
