@@ -66,7 +66,8 @@ ref_wall=$(( ($(date +%s%N) - start) / 1000000 ))
 # 4) summary
 "$PY" - "$OUT/ours.log" "$OUT/ref.log" "$ours_wall" "$ref_wall" "$WARMUP" <<'EOF'
 import re, sys
-ours_log, ref_log, ours_wall, ref_wall, warmup = sys.argv[1], sys.argv[2], float(sys.argv[3]) / 1000, float(sys.argv[4]) / 1000, int(sys.argv[5])
+ours_log, ref_log = sys.argv[1], sys.argv[2]
+ours_wall, ref_wall, warmup = float(sys.argv[3]) / 1000, float(sys.argv[4]) / 1000, int(sys.argv[5])
 
 def summary(path):
     text = open(path).read()
@@ -76,19 +77,21 @@ def summary(path):
     losses = re.findall(r"step \d+/\d+ .*?loss: ([\d.]+)", text)
     precision = re.search(r"Precision: (.*)", text)
     return {"tok_per_sec": 4096 / (sum(timed) / len(timed) / 1000), "val_bpb": float(bpbs[-1]),
-            "loss": float(losses[-1]), "steps": len(steps), "precision": precision.group(1) if precision else "fp32 matmuls, torch.compile"}
+            "loss": float(losses[-1]), "steps": len(steps),
+            "precision": precision.group(1) if precision else "fp32 matmuls, torch.compile"}
 
 ours, ref = summary(ours_log), summary(ref_log)
-import platform, subprocess
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-flags = open("/proc/cpuinfo").read()
-bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-print(f"\nCPU: {cpu} ({'native bf16' if bf16 else 'no native bf16'}), {__import__('os').cpu_count()} cores")
+from nanochat import hardware
+bf16 = hardware.cpu_has_native_bf16()
+print(f"\nCPU: {hardware.cpu_model()} ({'native bf16' if bf16 else 'no native bf16'}), "
+      f"{__import__('os').cpu_count()} cores")
 print(f"{'':10} {'tok/s':>9} {'val bpb':>8} {'loss':>8} {'wall s':>8}  settings")
-print(f"{'ours':10} {ours['tok_per_sec']:9.0f} {ours['val_bpb']:8.4f} {ours['loss']:8.4f} {ours_wall:8.1f}  {ours['precision']}")
-print(f"{'reference':10} {ref['tok_per_sec']:9.0f} {ref['val_bpb']:8.4f} {ref['loss']:8.4f} {ref_wall:8.1f}  {ref['precision']}")
-print(f"ratio ours/reference: tok/s {ours['tok_per_sec'] / ref['tok_per_sec']:.2f}x | wall time {ref_wall / ours_wall:.2f}x faster"
-      f" | val bpb {ours['val_bpb'] - ref['val_bpb']:+.4f} (lower is better)")
+for name, run, wall in (("ours", ours, ours_wall), ("reference", ref, ref_wall)):
+    print(f"{name:10} {run['tok_per_sec']:9.0f} {run['val_bpb']:8.4f} {run['loss']:8.4f} {wall:8.1f}  "
+          f"{run['precision']}")
+print(f"ratio ours/reference: tok/s {ours['tok_per_sec'] / ref['tok_per_sec']:.2f}x | "
+      f"wall time {ref_wall / ours_wall:.2f}x faster | "
+      f"val bpb {ours['val_bpb'] - ref['val_bpb']:+.4f} (lower is better)")
 print(f"(tok/s: mean step time of steps >= {warmup}; logs in {__import__('os').path.dirname(ours_log)})")
 EOF
 
@@ -158,7 +161,9 @@ for i in range(n):
     times["ref"].append(step(ref_model, ref_c, ref_opts, False, i)[0])
     times["ours"].append(step(our_model, our_c, our_opts, our_bf16, i)[0])
 r, o = statistics.median(times["ref"]), statistics.median(times["ours"])
-print(f"step time median: reference {r*1000:.0f} ms ({B*T/r:,.0f} tok/s) | ours {o*1000:.0f} ms ({B*T/o:,.0f} tok/s, {'bf16' if our_bf16 else 'fp32'})")
-print(f"ratio ours/reference tok/s: {r/o:.2f}x   (paired per-step ratios: {sorted(round(a/b, 2) for a, b in zip(times['ref'], times['ours']))})")
+print(f"step time median: reference {r*1000:.0f} ms ({B*T/r:,.0f} tok/s) | "
+      f"ours {o*1000:.0f} ms ({B*T/o:,.0f} tok/s, {'bf16' if our_bf16 else 'fp32'})")
+paired = sorted(round(a / b, 2) for a, b in zip(times["ref"], times["ours"]))
+print(f"ratio ours/reference tok/s: {r/o:.2f}x   (paired per-step ratios: {paired})")
 EOF
 fi

@@ -85,7 +85,8 @@ def main():
         return time.perf_counter() - t0, out
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"Model: depth {depth}, n_embd {n_embd}, n_head {n_head}, vocab {vocab_size}, {n_params / 1e6:.2f}M params, fp32")
+    print(f"Model: depth {depth}, n_embd {n_embd}, n_head {n_head}, vocab {vocab_size}, "
+          f"{n_params / 1e6:.2f}M params, fp32")
     print(f"Device: {device}, torch threads: {torch.get_num_threads()}, prompt {prompt_len} tokens, best of {repeats}")
     naive(8), cached(8)  # warm-up: first-call allocations and kernel selection
     print(f"{'new tokens':>10} | {'naive tok/s':>11} | {'engine tok/s':>12} | {'speedup':>7} | same tokens")

@@ -54,7 +54,8 @@ def main():
     device = torch.device(device_type)
     n_embd = 64 * depth
     n_head = max(1, -(-n_embd // 128))
-    config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+    config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                       n_embd=n_embd)
 
     # The choices nanochat makes on this device
     print(f"device: {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")

@@ -34,7 +34,8 @@ class DistAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
-                    raise RuntimeError("DistAdamW.step(): a parameter has no gradient; run backward() on every rank first")
+                    raise RuntimeError("DistAdamW.step(): a parameter has no gradient; "
+                                       "run backward() on every rank first")
                 if p.size(0) % world_size == 0:
                     work, grad = start_reduce_scatter_sum(p.grad, world_size, rank)
                     rows = p.size(0) // world_size

@@ -261,8 +261,9 @@ def find_last_step(checkpoint_dir):
 
 def find_largest_model(checkpoints_dir):
     """The model tag to use when none is given: the deepest d<N>, else the most recently written."""
-    tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))] if os.path.isdir(checkpoints_dir) else []
-    tags = [t for t in tags if _saved_steps(os.path.join(checkpoints_dir, t))]
+    tags = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
+    tags = [t for t in tags if os.path.isdir(os.path.join(checkpoints_dir, t))
+            and _saved_steps(os.path.join(checkpoints_dir, t))]
     if not tags:
         raise FileNotFoundError(f"no checkpoints found in {checkpoints_dir}")
     depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
@@ -293,6 +294,7 @@ def load_model(source, device, phase, model_tag=None, step=None):
         except FileNotFoundError:
             tags = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
             others = f" (model tags there: {', '.join(tags)})" if tags else ""
-            raise FileNotFoundError(f"no checkpoints of model tag {model_tag!r} in {checkpoints_dir}{others}: {train_hint}") from None
+            raise FileNotFoundError(f"no checkpoints of model tag {model_tag!r} in {checkpoints_dir}{others}: "
+                                    f"{train_hint}") from None
     print0(f"Loading model from {checkpoint_dir} at step {step}")
     return build_model(checkpoint_dir, step, device, phase)

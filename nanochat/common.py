@@ -3,6 +3,7 @@ Shared plumbing: where files live, distributed set-up, rank-0 printing, robust d
 """
 
 import os
+import random
 import sys
 import time
 import tempfile
@@ -97,12 +98,37 @@ class DummyWandb:
         pass
 
 
-def fetch_url_to_file(url, path, retries=5, backoff=1.0, timeout=60, progress=None):
+def is_not_found(error):
+    """True when a download failed because the source has no such file (HTTP 404, missing file:// path)."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code == 404
+    return isinstance(error, urllib.error.URLError) and isinstance(error.reason, FileNotFoundError)
+
+
+def is_permanent(error):
+    """True for download errors that asking again will not fix: no such file, or access refused."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in (401, 403, 404, 410)
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error  # file:// sources
+    return isinstance(reason, (FileNotFoundError, NotADirectoryError))
+
+
+def describe_error(error):
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return f"{type(error.reason).__name__}: {error.reason}"
+    return f"{type(error).__name__}: {error}"
+
+
+def fetch_url_to_file(url, path, retries=5, backoff=1.0, timeout=60, progress=None, check=None, cancel=None):
     """
-    Download url (http(s):// or file://) to path through a temporary file in the same
-    folder, renamed into place only when complete. Retries with exponential backoff.
-    progress(bytes_so_far, total_or_None) is called as bytes arrive.
-    Returns the number of bytes written; raises the last error after the final attempt.
+    Download url (http(s):// or file://) to path through a temporary file in the same folder, renamed
+    into place only when complete and, if given, check(temporary path) raised nothing (a ValueError
+    from it counts as a failed attempt). Retries with exponential backoff, jittered so that parallel
+    downloads do not retry in lockstep; errors that retrying cannot fix (is_permanent) are raised at once.
+    progress(bytes_so_far, total_or_None) is called as bytes arrive; a set cancel (threading.Event)
+    ends a wait between attempts. Returns the number of bytes written; raises the last error.
     """
     def copy_response(f):
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -116,30 +142,28 @@ def fetch_url_to_file(url, path, retries=5, backoff=1.0, timeout=60, progress=No
                     progress(written, total)
         if total is not None and written != total:
             raise IOError(f"truncated download: got {written} of {total} bytes")
+        if check is not None:
+            f.flush()
+            check(f.name)
 
-    last_error = None
     for attempt in range(1, retries + 1):
         try:
             atomic_write(path, copy_response)  # the temporary file goes on any failure, Ctrl-C included
             return os.path.getsize(path)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-            last_error = e
-            if is_not_found(e):
-                break  # a missing file will not appear by retrying
-            if attempt < retries:
-                time.sleep(backoff * 2 ** (attempt - 1))
-    raise last_error
-
-
-def is_not_found(error):
-    """True when fetch_url_to_file failed because the source has no such file (HTTP 404, missing file:// path)."""
-    if isinstance(error, urllib.error.HTTPError):
-        return error.code == 404
-    return isinstance(error, urllib.error.URLError) and isinstance(error.reason, FileNotFoundError)
+            if is_permanent(e) or attempt == retries:
+                raise
+            delay = backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
+            print(f"  {os.path.basename(path)}: attempt {attempt}/{retries} failed ({describe_error(e)}); "
+                  f"retrying in {delay:.1f}s", flush=True)
+            if cancel is None:
+                time.sleep(delay)
+            elif cancel.wait(delay):
+                raise  # cancelled while waiting
 
 
 def print_download_progress(label, every_s=5.0):
-    """A progress callback for fetch_url_to_file that prints 'label: x of y MB' at most every every_s seconds."""
+    """A progress callback for fetch_url_to_file: prints 'label: x of y MB' at most every every_s seconds."""
     last_print = time.time()
 
     def progress(done, total):
@@ -177,8 +201,9 @@ def atomic_write(path, write_fn, mode="wb"):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp_path, mode) as f:  # (f.name is the temporary path)
             write_fn(f)
         os.replace(tmp_path, path)
     except BaseException:

@@ -49,7 +49,8 @@ def _fewshot_prefix(solved_examples, continuation_delimiter):
 
 def render_prompts_mc(item, continuation_delimiter, fewshot_examples=()):
     """One full prompt per choice; they share everything up to the answer."""
-    prefix = _fewshot_prefix([(ex["query"], ex["choices"][ex["gold"]]) for ex in fewshot_examples], continuation_delimiter)
+    solved = [(ex["query"], ex["choices"][ex["gold"]]) for ex in fewshot_examples]
+    prefix = _fewshot_prefix(solved, continuation_delimiter)
     return [f"{prefix}{item['query']}{continuation_delimiter}{choice}" for choice in item["choices"]]
 
 
@@ -67,7 +68,8 @@ def render_prompts_lm(item, continuation_delimiter, fewshot_examples=()):
     space would merge into the continuation's first token in the second prompt, and the first
     prompt's tokens would no longer be a prefix of the second's.
     """
-    prefix = _fewshot_prefix([(str(ex["context"]).strip(), ex["continuation"]) for ex in fewshot_examples], continuation_delimiter)
+    solved = [(str(ex["context"]).strip(), ex["continuation"]) for ex in fewshot_examples]
+    prefix = _fewshot_prefix(solved, continuation_delimiter)
     question = f"{prefix}{str(item['context']).strip()}{continuation_delimiter}"
     return [question.strip(), f"{question}{item['continuation']}"]
 
@@ -168,7 +170,8 @@ def sample_fewshot(data, idx, num_fewshot):
     return [data[p if p < idx else p + 1] for p in positions]
 
 
-RENDERERS = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema, "language_modeling": render_prompts_lm}
+RENDERERS = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema,
+             "language_modeling": render_prompts_lm}
 
 
 @torch.no_grad()
@@ -238,7 +241,8 @@ def load_bundle(bundle_dir):
     meta_path = os.path.join(bundle_dir, "eval_meta_data.csv")
     for path in (config_path, meta_path):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a complete eval bundle; delete it to re-download")
+            raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not a complete eval bundle; "
+                                    "delete it to re-download")
     try:
         with open(config_path, "r", encoding="utf-8") as f:
             config = yaml.safe_load(f)
@@ -323,7 +327,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, should_
             f"{times[label]:6.1f}s | elapsed {format_seconds(elapsed)}, eta {format_seconds(eta)}"
         )
     core_metric = sum(centered.values()) / len(centered) if centered else float("nan")
-    return {"results": results, "centered_results": centered, "core_metric": core_metric, "times": times, "skipped": skipped}
+    return {"results": results, "centered_results": centered, "core_metric": core_metric, "times": times,
+            "skipped": skipped}
 
 
 # -----------------------------------------------------------------------------
@@ -404,8 +409,9 @@ def ensure_eval_bundle():
     try:
         zip_path = download_file_with_lock(url, "eval_bundle.zip", postprocess_fn=unpack_bundle)
     except OSError as e:  # network down, 404, unreadable file:// path
-        raise RuntimeError(f"could not download the CORE eval bundle from {url} ({e}). Point NANOCHAT_EVAL_BUNDLE_URL "
-                           f"at a reachable copy (http(s):// or file://), or turn CORE off with --core_metric_every=-1") from None
+        raise RuntimeError(f"could not download the CORE eval bundle from {url} ({e}). "
+                           "Point NANOCHAT_EVAL_BUNDLE_URL at a reachable copy (http(s):// or file://), "
+                           "or turn CORE off with --core_metric_every=-1") from None
     # The zip may be there from an earlier run whose unzip did not finish: unpack it now.
     with FileLock(zip_path + ".lock"):
         if not os.path.isdir(bundle_dir):

@@ -38,7 +38,8 @@ def _own_state(resume_state_dict, split, rank, world_size):
         state = states[rank] if len(states) == world_size else states[0]
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
-        raise ValueError(f"resume_state_dict lacks {missing}: expected a state yielded by tokenizing_distributed_data_loader, got {resume_state_dict}")
+        raise ValueError(f"resume_state_dict lacks {missing}: expected a state yielded by "
+                         f"tokenizing_distributed_data_loader, got {resume_state_dict}")
     if state.get("split", split) != split:
         raise ValueError(f"resume_state_dict is for the {state['split']!r} split, not {split!r}")
     if state.get("rank", 0) == rank and state.get("world_size", 1) == world_size:

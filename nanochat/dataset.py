@@ -16,15 +16,13 @@ import os
 import re
 import sys
 import time
-import random
 import argparse
 import threading
-import urllib.error
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, fetch_url_to_file, format_seconds
+from nanochat.common import get_base_dir, fetch_url_to_file, format_seconds, is_permanent, describe_error
 from nanochat.integrity import DamagedFileError, add_to_manifest, file_record, record_problem, read_manifest, \
     verify_in_manifest
 
@@ -52,7 +50,8 @@ def get_max_shard():
     except ValueError:
         max_shard = -1
     if max_shard < 0:
-        raise ValueError(f"NANOCHAT_DATA_MAX_SHARD must be a non-negative integer (the index of the validation shard), got {value!r}")
+        raise ValueError(f"NANOCHAT_DATA_MAX_SHARD must be a non-negative integer (the index of the validation shard), "
+                         f"got {value!r}")
     return max_shard
 
 
@@ -174,26 +173,6 @@ class DownloadCancelled(Exception):
     pass
 
 
-class PermanentError(Exception):
-    """The source says the shard is not there; asking again will not help."""
-
-
-def is_permanent(error):
-    if isinstance(error, urllib.error.HTTPError):
-        return error.code in (401, 403, 404, 410)
-    if isinstance(error, urllib.error.URLError):  # file:// source with no such file
-        return isinstance(error.reason, (FileNotFoundError, NotADirectoryError))
-    return isinstance(error, (FileNotFoundError, NotADirectoryError))
-
-
-def describe_error(error):
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code} {error.reason}"
-    if isinstance(error, urllib.error.URLError):
-        return f"{type(error.reason).__name__}: {error.reason}"
-    return f"{type(error).__name__}: {error}"
-
-
 class Progress:
     """Byte counters shared by the download threads; estimates speed and time left."""
 
@@ -233,47 +212,6 @@ class Progress:
             in_flight_left = sum(max(self.sizes.get(i, average) - r, 0) for i, r in self.received.items())
             not_started = self.num_shards - len(self.finished) - len(self.received)
             return done, rate, (in_flight_left + not_started * average) / rate
-
-
-def download_shard(index, data_dir, base_url, retries, backoff, timeout, progress, cancel):
-    """
-    Fetch one shard into data_dir, check it is readable parquet, then rename it into place.
-    Returns the number of bytes kept; raises PermanentError or the last error once out of attempts.
-    Nothing is left behind on failure: fetch_url_to_file cleans its own temporary file, we clean ours.
-    """
-    filename = shard_filename(index)
-    path = os.path.join(data_dir, filename)
-    url = f"{base_url}/{filename}"
-    # a name that list_parquet_files ignores, unique per thread, until the content is checked
-    unchecked = os.path.join(data_dir, f"{filename}.{os.getpid()}-{threading.get_native_id()}.unchecked")
-
-    def on_bytes(received, total):
-        if cancel.is_set():
-            raise DownloadCancelled()
-        progress.update(index, received, total)
-
-    for attempt in range(1, retries + 1):
-        try:
-            nbytes = fetch_url_to_file(url, unchecked, retries=1, timeout=timeout, progress=on_bytes)
-            check_shard(unchecked, full=True)
-            record = file_record(unchecked)  # what a reader checks the shard against later
-            os.replace(unchecked, path)
-            add_to_manifest(data_dir, {filename: record})
-            return nbytes
-        except DownloadCancelled:
-            raise
-        except Exception as e:
-            if is_permanent(e):
-                raise PermanentError(describe_error(e)) from e
-            if attempt == retries:
-                raise
-            delay = backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)  # jitter: workers do not retry in lockstep
-            print(f"  {filename}: attempt {attempt}/{retries} failed ({describe_error(e)}); retrying in {delay:.1f}s", flush=True)
-            if cancel.wait(delay):
-                raise DownloadCancelled()
-        finally:
-            if os.path.exists(unchecked):
-                os.remove(unchecked)
 
 
 def download_shards(indices, num_workers=4, retries=5, backoff=2.0, timeout=60, report_every=10.0):
@@ -324,12 +262,24 @@ def download_shards(indices, num_workers=4, retries=5, backoff=2.0, timeout=60, 
 
     progress = Progress(len(todo))
     cancel = threading.Event()
+
+    def download_shard(index):
+        """Fetch one shard, checked readable before it is renamed into place; returns its size in bytes."""
+        def on_bytes(received, total):
+            if cancel.is_set():
+                raise DownloadCancelled()  # stops this download; its temporary file is removed
+            progress.update(index, received, total)
+        path = os.path.join(data_dir, shard_filename(index))
+        nbytes = fetch_url_to_file(f"{base_url}/{shard_filename(index)}", path, retries=retries, backoff=backoff,
+                                   timeout=timeout, progress=on_bytes, check=check_shard, cancel=cancel)
+        add_to_manifest(data_dir, {shard_filename(index): file_record(path)})  # what a reader checks it against later
+        return nbytes
+
     failures = {}
     downloaded_bytes = 0
     executor = ThreadPoolExecutor(max_workers=max(1, num_workers))
     try:
-        futures = {executor.submit(download_shard, i, data_dir, base_url, retries, backoff, timeout, progress, cancel): i
-                   for i in todo}
+        futures = {executor.submit(download_shard, i): i for i in todo}
         pending = set(futures)
         completed = 0
         last_line = time.time()
@@ -342,12 +292,15 @@ def download_shards(indices, num_workers=4, retries=5, backoff=2.0, timeout=60, 
                     nbytes = future.result()
                     downloaded_bytes += nbytes
                     status = f"{shard_filename(index)} {nbytes / 1e6:.1f} MB"
-                except PermanentError as e:
-                    nbytes, failures[index] = 0, str(e)
-                    status = f"{shard_filename(index)} FAILED: {e} (not retried: the source does not have it)"
                 except Exception as e:
-                    nbytes, failures[index] = 0, f"{describe_error(e)} (after {retries} attempts)"
-                    status = f"{shard_filename(index)} FAILED: {failures[index]}"
+                    nbytes = 0
+                    if is_permanent(e):
+                        failures[index] = describe_error(e)
+                        status = (f"{shard_filename(index)} FAILED: {failures[index]} "
+                                  "(not retried: the source does not have it)")
+                    else:
+                        failures[index] = f"{describe_error(e)} (after {retries} attempts)"
+                        status = f"{shard_filename(index)} FAILED: {failures[index]}"
                 progress.finish(index, nbytes)
                 total, rate, eta = progress.summary()
                 eta_text = format_seconds(eta) if eta is not None else "?"
@@ -378,7 +331,8 @@ def download_shards(indices, num_workers=4, retries=5, backoff=2.0, timeout=60, 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download pretraining shards: training shards 0..N-1 and the validation shard.")
+    parser = argparse.ArgumentParser(
+        description="Download pretraining shards: training shards 0..N-1 and the validation shard.")
     parser.add_argument("-n", "--num-files", type=int, default=-1,
                         help="number of training shards (0..N-1) to download; -1 = all of them (default: -1)")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads (default: 4)")

@@ -88,7 +88,8 @@ class KVCache:
         if not same:
             raise ValueError(
                 f"prefill between incompatible caches: layers/heads/head_dim "
-                f"{(other.num_layers, other.num_heads, other.head_dim)} vs {(self.num_layers, self.num_heads, self.head_dim)}"
+                f"{(other.num_layers, other.num_heads, other.head_dim)} vs "
+                f"{(self.num_layers, self.num_heads, self.head_dim)}"
             )
         if other.batch_size not in (1, self.batch_size):
             raise ValueError(f"prefill source batch size must be 1 or {self.batch_size}, got {other.batch_size}")

@@ -203,8 +203,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         T0 = 0 if kv_cache is None else kv_cache.get_pos()  # rotary positions continue after the cache
         if T0 + T > self.cos.size(1):
-            raise ValueError(f"positions up to {T0 + T} exceed the rotary table ({self.cos.size(1)} = 10 x sequence_len); "
-                             "use a larger sequence_len in GPTConfig")
+            raise ValueError(f"positions up to {T0 + T} exceed the rotary table "
+                             f"({self.cos.size(1)} = 10 x sequence_len); use a larger sequence_len in GPTConfig")
         if idx.device != self.cos.device:
             raise ValueError(f"idx is on {idx.device} but the model is on {self.cos.device}; move one of them")
         cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]

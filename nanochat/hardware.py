@@ -1,7 +1,7 @@
 """
 What the hardware is good at, decided by looking and by measuring rather than by habit.
 
-- cpu_flags() / cpu_has_native_bf16(): does the CPU have bf16 dot-product or matrix units
+- cpu_model(), cpu_flags() / cpu_has_native_bf16(): which CPU; does the CPU have bf16 dot-product or matrix units
   (x86 avx512_bf16 / amx_bf16, Arm bf16)? Without them PyTorch emulates bf16 matmuls, which was
   measured 14x slower than fp32 for a 1024x256 Newton-Schulz step.
 - bf16_matmul_speedup(device): measured once per process and device (~0.1 s).
@@ -11,6 +11,7 @@ What the hardware is good at, decided by looking and by measuring rather than by
 """
 
 import functools
+import platform
 import time
 
 import torch
@@ -42,17 +43,26 @@ MIN_BF16_SPEEDUP = 1.5
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_flags():
-    """The CPU feature flags from /proc/cpuinfo (x86 'flags' or Arm 'Features'); empty where unavailable."""
+def cpuinfo():
+    """The first value of each field of /proc/cpuinfo ('model name', x86 'flags', Arm 'Features', ...)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return frozenset()
+        pass  # not Linux
+    return fields
+
+
+def cpu_model():
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """The CPU feature flags (x86 'flags' or Arm 'Features'); empty where unavailable."""
+    return frozenset((cpuinfo().get("flags") or cpuinfo().get("Features") or "").split())
 
 
 def cpu_has_native_bf16():

@@ -34,7 +34,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         # (compared as int32: MPS has no int64 "less than" kernel)
         valid = targets.int() >= 0
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-        num_bytes = torch.where(valid, token_bytes[safe_targets], torch.zeros_like(safe_targets, dtype=token_bytes.dtype))
+        no_bytes = torch.zeros_like(safe_targets, dtype=token_bytes.dtype)
+        num_bytes = torch.where(valid, token_bytes[safe_targets], no_bytes)
         counted = num_bytes > 0
         # where() rather than a product: a 0-byte position must add nothing even if its loss is inf/nan
         total_nats += torch.where(counted, losses.float(), torch.zeros_like(losses, dtype=torch.float32)).sum()

@@ -18,6 +18,7 @@ import datetime
 import platform
 import subprocess
 
+from nanochat import hardware
 from nanochat.common import get_base_dir, get_dist_info, atomic_write
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -92,23 +93,6 @@ def run_command(args):
         return None
 
 
-def cpu_model_and_flags():
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                if model and flags:
-                    break
-    except OSError:
-        pass  # not Linux
-    return model, flags
-
-
 def system_info_lines():
     import psutil
     import torch
@@ -123,9 +107,8 @@ def system_info_lines():
         lines.append(f"- git branch: {run_command(['git', 'rev-parse', '--abbrev-ref', 'HEAD']) or 'unknown'}")
     lines.append("")
     lines.append("### Hardware")
-    model, flags = cpu_model_and_flags()
-    native_bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    lines.append(f"- CPU: {model}" + (f" ({', '.join(native_bf16)})" if native_bf16 else ""))
+    native_bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in hardware.cpu_flags()]
+    lines.append(f"- CPU: {hardware.cpu_model()}" + (f" ({', '.join(native_bf16)})" if native_bf16 else ""))
     lines.append(f"- CPU cores: {psutil.cpu_count(logical=False)} physical, {psutil.cpu_count(logical=True)} logical")
     lines.append(f"- Memory: {psutil.virtual_memory().total / 2**30:.1f} GiB")
     if torch.cuda.is_available():
@@ -158,15 +141,6 @@ def parse_section(text):
             pass
     items = dict(re.findall(r"^- ([^:\n]+): (.*)$", text, re.MULTILINE))
     return (name_match.group(1).strip() if name_match else ""), stamp, items
-
-
-def find_item(items, *patterns):
-    """The first value whose key matches one of the regexes (case-insensitive), else None."""
-    for pattern in patterns:
-        for key, value in items.items():
-            if re.search(pattern, key, re.IGNORECASE):
-                return value
-    return None
 
 
 def read_training_log(path, eval_key="val_bpb"):
@@ -260,7 +234,8 @@ def core_table(base_dir, eval_items):
     for row in rows[1:]:  # rows[0] is the header
         if len(row) == 3:
             task, accuracy, centered = row
-            lines.append(f"| **{task}** | | **{centered}** |" if task == "CORE" else f"| {task} | {accuracy} | {centered} |")
+            bold = task == "CORE"  # the CORE line has no accuracy
+            lines.append(f"| **{task}** | | **{centered}** |" if bold else f"| {task} | {accuracy} | {centered} |")
     return "\n".join(lines)
 
 
@@ -368,20 +343,20 @@ class Report:
                 print(f"Note: no '{name}' section in {self.report_dir} (that stage did not run or did not finish)")
         items_of = {slugify(s[0]): s[2] for s in sections}
         training = items_of.get("base-model-training", {})
-        log_path = find_training_log(base_dir, find_item(training, r"^model_tag$"))
+        log_path = find_training_log(base_dir, training.get("model_tag"))
         if log_path:
             curves, curve_summary = training_curves(self.report_dir, log_path)
         else:
             curves, curve_summary = "## Training curves\nNo training log (base_checkpoints/*/log.jsonl) found.", {}
 
-        # Headline numbers: from the sections (names vary a little between stages) and the training log.
+        # Headline numbers: from the sections, by the keys their stages log them under, and the training log
         summary = {
-            "Parameters": find_item(training, r"param(eter)?s?$", r"num.*param"),
-            "FLOPs per token": find_item(training, r"flops per token", r"flops_per_token"),
-            "Training tokens": find_item(training, r"training tokens", r"^total_tokens$", r"tokens$"),
+            "Parameters": training.get("Number of parameters"),
+            "FLOPs per token": training.get("Number of FLOPs per token"),
+            "Training tokens": training.get("Number of training tokens"),
             **curve_summary,
-            "Base model val bpb": find_item(items_of.get("base-model-loss", {}), r"^val[ _]bpb$"),
-            "CORE": find_item(items_of.get("base-model-evaluation", {}), r"^core( metric)?$", r"core"),
+            "Base model val bpb": items_of.get("base-model-loss", {}).get("val bpb"),
+            "CORE": items_of.get("base-model-evaluation", {}).get("CORE metric"),
         }
         summary_lines = ["## Summary", "", "| Metric | Value |", "|---|---|"]
         summary_lines += [f"| {k} | {v} |" for k, v in summary.items() if v is not None]

@@ -33,7 +33,8 @@ SPECIAL_TOKENS = [
 
 # GPT-4's (cl100k) split pattern, except digits group in runs of at most 2 (\p{N}{1,2} instead of
 # \p{N}{1,3}) so a small vocabulary spends fewer tokens on numbers. Must match the reference exactly.
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 
 # Name stored inside the pickled Encoding; the reference uses the same one, so the files match byte for byte.
 ENCODING_NAME = "rustbpe"
@@ -204,7 +205,8 @@ class RustBPETokenizer:
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             for part in parts:
                 start, end, supervised = PART_TOKENS[part["type"]]
-                wrapped = ([special(start)] if start else []) + self.encode(part["text"]) + ([special(end)] if end else [])
+                wrapped = (([special(start)] if start else []) + self.encode(part["text"])
+                           + ([special(end)] if end else []))
                 add(wrapped, supervised)
             add([special("<|assistant_end|>")], 1)
         # the cut keeps memory bounded for a few very long conversations (the reference does the same)
@@ -217,7 +219,8 @@ class RustBPETokenizer:
         would drop the very question being asked, so callers with a context limit decide what to drop.
         """
         messages = conversation.get("messages") if isinstance(conversation, dict) else None
-        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        if (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                and messages[-1].get("role") == "assistant"):
             conversation = {**conversation, "messages": messages[:-1]}
         ids, _ = self.render_conversation(conversation, max_tokens=None)
         return ids + [self.encode_special("<|assistant_start|>")]
@@ -270,14 +273,17 @@ def chat_messages(conversation):
         expected = "user" if i % 2 == 0 else "assistant"
         role, content = message["role"], message["content"]
         if role != expected:
-            raise ValueError(f"{where} is from {role!r} but should be from {expected!r} (turns alternate user, assistant, ...)")
+            raise ValueError(f"{where} is from {role!r} but should be from {expected!r} "
+                             "(turns alternate user, assistant, ...)")
         if role == "user" and not isinstance(content, str):
             raise ValueError(f"{where} (user) content must be a string, got {type(content).__name__}")
         if role == "assistant" and not isinstance(content, (str, list)):
-            raise ValueError(f"{where} (assistant) content must be a string or a list of parts, got {type(content).__name__}")
+            raise ValueError(f"{where} (assistant) content must be a string or a list of parts, "
+                             f"got {type(content).__name__}")
         if role == "assistant" and isinstance(content, list):
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") not in PART_TOKENS or not isinstance(part.get("text"), str):
+                if (not isinstance(part, dict) or part.get("type") not in PART_TOKENS
+                        or not isinstance(part.get("text"), str)):
                     raise ValueError(f"{where} (assistant) part {j} must be {{'type': one of {list(PART_TOKENS)}, "
                                      f"'text': str}}, got {part!r:.200}")
     return messages

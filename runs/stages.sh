@@ -3,7 +3,8 @@
 # `last_checkpoint_step`, `resumable_stage` and `print_chat_commands` (which read MODEL_TAG).
 PIPELINE_NAME=$1
 STAGE="setup"
-trap 'echo "$PIPELINE_NAME: stage \"$STAGE\" failed (see the messages above). Fix it and re-run: finished stages are skipped." >&2' ERR
+trap 'echo "$PIPELINE_NAME: stage \"$STAGE\" failed (see the messages above)." \
+    "Fix it and re-run: finished stages are skipped." >&2' ERR
 BASE_DIR=$(python -c "from nanochat.common import get_base_dir; print(get_base_dir())")
 
 # stage NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists, so a re-run resumes where it stopped.
@@ -17,10 +18,10 @@ stage() {
     fi
 }
 
-# The last step of $MODEL_TAG with a complete checkpoint in FOLDER (default base_checkpoints), or -1 when there is none.
+# The last step of $MODEL_TAG with a complete checkpoint in FOLDER (default base_checkpoints), or -1 if none.
 last_checkpoint_step() {
-    python -c "import sys; from nanochat.checkpoint_manager import list_steps; steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" \
-        "$BASE_DIR/${1:-base_checkpoints}/$MODEL_TAG"
+    python -c "import sys; from nanochat.checkpoint_manager import list_steps
+steps = list_steps(sys.argv[1]); print(steps[-1] if steps else -1)" "$BASE_DIR/${1:-base_checkpoints}/$MODEL_TAG"
 }
 
 # resumable_stage NAME FOLDER DONE_FILE COMMAND...: a training stage (mid_train, chat_sft). Skipped once DONE_FILE

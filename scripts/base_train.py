@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type,
                              DummyWandb, format_seconds)
-from nanochat.configurator import configure, batch_size_suggestions
+from nanochat.configurator import configure
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, list_steps
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.gpt import GPT, GPTConfig
@@ -41,7 +41,7 @@ from nanochat import hardware
 run = "dummy"  # wandb run name ("dummy" = no wandb logging)
 device_type = ""  # cuda|cpu|mps ("" = autodetect: CUDA > MPS > CPU)
 dtype = "auto"  # compute precision: auto|bfloat16|float32 (auto = bf16 on CUDA; on CPU only where measured faster)
-compile = "auto"  # torch.compile the model: auto|true|false (auto = on CUDA, on CPU when the run is long enough to repay it)
+compile = "auto"  # torch.compile the model: auto|true|false (auto = on CUDA; on CPU when the run is long enough)
 dry_run = False  # print every derived number (dims, params, FLOPs, batch, horizon) and exit
 # Model: one dial sets the architecture
 depth = 20  # number of layers; width = 64*depth and heads = ceil(width/128) follow from it
@@ -52,7 +52,7 @@ target_flops = -1.0  # train for this many FLOPs, for scaling-law sweeps (-1 = o
 target_param_data_ratio = 20  # train on this many tokens per parameter (Chinchilla: 20; -1 = off)
 # Optimisation: batch, learning rates, schedule
 device_batch_size = 32  # sequences per forward pass on each device (lower it if memory runs out)
-total_batch_size = 524288  # tokens per optimisation step over all devices; gradient accumulation makes up the difference
+total_batch_size = 524288  # tokens per optimisation step over all devices; gradient accumulation makes up the rest
 embedding_lr = 0.2  # AdamW learning rate of the token embedding
 unembedding_lr = 0.004  # AdamW learning rate of the lm_head
 matrix_lr = 0.02  # Muon learning rate of the transformer's matrices
@@ -124,8 +124,33 @@ with torch.device("meta"):  # shapes only, no memory yet: the dry run needs no m
     model = GPT(GPTConfig(**model_config_kwargs))
 num_params = sum(p.numel() for p in model.parameters())
 num_flops_per_token = model.estimate_flops()
-print0(f"Model: {num_layers} layers, dim {model_dim}, {num_heads} heads ({num_kv_heads} kv), head dim {model_dim // num_heads}")
+print0(f"Model: {num_layers} layers, dim {model_dim}, {num_heads} heads ({num_kv_heads} kv), "
+       f"head dim {model_dim // num_heads}")
 print0(f"Parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:e}")
+
+def batch_size_suggestions(total_batch_size, device_batch_size, max_seq_len, world_size):
+    """
+    Explain why total_batch_size is not a whole number of micro-batches and propose the nearest
+    values that are: total batch sizes around it, and device batch sizes that divide it.
+    """
+    micro = device_batch_size * max_seq_len * world_size
+    lower = (total_batch_size // micro) * micro
+    upper = lower + micro
+    totals = [t for t in (lower, upper) if t > 0]
+    msg = (f"total_batch_size={total_batch_size:,} is not a whole number of micro-batches: "
+           f"device_batch_size x max_seq_len x world_size = {device_batch_size} x {max_seq_len} x {world_size} "
+           f"= {micro:,} tokens.\n"
+           f"  nearest valid --total_batch_size: {', '.join(f'{t}' for t in totals)}")
+    per_rank_rows, rem = divmod(total_batch_size, max_seq_len * world_size)
+    if rem == 0:
+        divisors = [d for d in range(1, per_rank_rows + 1) if per_rank_rows % d == 0]
+        # the divisors closest to what was asked
+        divisors = sorted(divisors, key=lambda d: (abs(d - device_batch_size), d))[:4]
+        msg += f"\n  or a --device_batch_size that divides it: {', '.join(str(d) for d in sorted(divisors))}"
+    else:
+        msg += (f"\n  (no device_batch_size works: {total_batch_size:,} is not a multiple of "
+                f"max_seq_len x world_size = {max_seq_len * world_size:,})")
+    return msg
 
 # Batch: micro-batches per rank, accumulated up to total_batch_size tokens per step
 tokens_per_fwdbwd = device_batch_size * max_seq_len  # one forward/backward on one rank
@@ -134,7 +159,8 @@ if total_batch_size <= 0 or total_batch_size % world_tokens_per_fwdbwd != 0:
     fail(batch_size_suggestions(total_batch_size, device_batch_size, max_seq_len, ddp_world_size),
          every_rank_agrees=True)
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
-print0(f"Batch: {device_batch_size} x {max_seq_len} tokens x {ddp_world_size} ranks x {grad_accum_steps} accumulation steps = {total_batch_size:,} tokens per step")
+print0(f"Batch: {device_batch_size} x {max_seq_len} tokens x {ddp_world_size} ranks x {grad_accum_steps} "
+       f"accumulation steps = {total_batch_size:,} tokens per step")
 
 # Horizon: explicit steps, else a FLOPs budget, else a tokens:params ratio
 if num_iterations > 0:
@@ -152,7 +178,8 @@ if num_iterations <= 0:
     fail(f"the horizon ({horizon_source}) rounds to {num_iterations} steps: raise it or lower --total_batch_size",
          every_rank_agrees=True)
 total_tokens = total_batch_size * num_iterations
-print0(f"Steps: {num_iterations:,} ({horizon_source}) | tokens: {total_tokens:,} | tokens:params {total_tokens / num_params:.2f} | training FLOPs: {num_flops_per_token * total_tokens:e}")
+print0(f"Steps: {num_iterations:,} ({horizon_source}) | tokens: {total_tokens:,} | "
+       f"tokens:params {total_tokens / num_params:.2f} | training FLOPs: {num_flops_per_token * total_tokens:e}")
 if dry_run:
     derived = {
         "num_layers": num_layers, "model_dim": model_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
@@ -178,7 +205,8 @@ resuming = resume_from_step >= 0
 if resuming:
     print0(f"Resuming from step {resume_from_step} of {checkpoint_dir}")
     try:
-        model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True, rank=ddp_rank)
+        model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, resume_from_step, device,
+                                                                load_optimizer=True, rank=ddp_rank)
     except FileNotFoundError as e:
         fail(str(e))
     model.load_state_dict(model_data, strict=True, assign=True)
@@ -206,13 +234,15 @@ if compile == "auto":
     use_compile = device_type == "cuda" or (device_type == "cpu" and eager_seconds_estimate > 30)
 else:
     use_compile = compile == "true"
-print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile} | peak FLOP/s for MFU: {peak_flops:.3e}")
+print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile} | "
+       f"peak FLOP/s for MFU: {peak_flops:.3e}")
 if device_type != "cuda":
     # The defaults are sized for GPUs; say up front what they cost here (training runs near 30% MFU on CPU).
     step_seconds = num_flops_per_token * total_batch_size / (0.3 * peak_flops)
     if step_seconds > 10:
         print0(f"Note: on this {device_type} one step of {total_batch_size:,} tokens takes about {step_seconds:.0f}s "
-               f"and the whole run about {format_seconds(step_seconds * num_iterations)}. For a quick look, the settings of "
+               f"and the whole run about {format_seconds(step_seconds * num_iterations)}. "
+               f"For a quick look, the settings of "
                f"runs/runcpu.sh: --max_seq_len=512 --device_batch_size=8 --total_batch_size=4096 --num_iterations=800 "
                f"--eval_every=100 --eval_tokens=32768")
 
@@ -240,8 +270,8 @@ if core_metric_every > 0:  # fetch the CORE eval bundle now rather than fail hou
         eval_bundle_dir = ensure_eval_bundle()
     except RuntimeError as e:
         fail(str(e))
-build_val_loader = lambda: tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="val", device=device,
-                                                              tokenizer=tokenizer)
+build_val_loader = lambda: tokenizing_distributed_data_loader(device_batch_size, max_seq_len, split="val",
+                                                              device=device, tokenizer=tokenizer)
 eval_steps = max(1, eval_tokens // world_tokens_per_fwdbwd)  # micro-batches per validation pass, on every rank
 try:  # missing shards: say so now, with the download command, rather than at the first evaluation
     x, y, loader_state = next(train_loader)  # the first batch; each micro-step fetches the next one early
@@ -358,7 +388,8 @@ while True:
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"Step {step:05d} | validation bpb: {val_bpb:.4f}")
         step_log.log({"step": step, "val_bpb": val_bpb})
-        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time, "val/bpb": val_bpb})
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
+                       "val/bpb": val_bpb})
         model.train()
 
     # CORE metric (all ranks take part; the uncompiled model, since shapes vary). Minutes long: a stop
@@ -419,7 +450,8 @@ while True:
     save_due = any_save_due > 0
     if any_nonfinite > 0:
         saved = list_steps(checkpoint_dir)
-        last_good = (f"The last good checkpoint is step {saved[-1]} in {checkpoint_dir} (continue with --resume_from_step={saved[-1]})"
+        last_good = (f"The last good checkpoint is step {saved[-1]} in {checkpoint_dir} "
+                     f"(continue with --resume_from_step={saved[-1]})"
                      if saved else "No checkpoint was saved before it")
         step_log.close()
         fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights. "
@@ -452,15 +484,17 @@ while True:
     elapsed = time.time() - run_start
     eta = elapsed / steps_done * (num_iterations - step - 1)
     grad_text = f" grad norm: {grad_norm:.4f} |" if grad_norm is not None else ""
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased_smooth_loss:.6f} |{grad_text} "
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | "
+           f"loss: {debiased_smooth_loss:.6f} |{grad_text} "
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | "
            f"elapsed: {format_seconds(elapsed)} | eta: {format_seconds(eta)}")
-    step_log.log({"step": step, "loss": debiased_smooth_loss, "raw_loss": train_loss, "grad_norm": grad_norm, "lr_mult": lrm,
-               "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "total_time": total_training_time})
+    step_log.log({"step": step, "loss": debiased_smooth_loss, "raw_loss": train_loss, "grad_norm": grad_norm,
+                  "lr_mult": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "total_time": total_training_time})
     if step % 100 == 0:
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
-                       "train/loss": debiased_smooth_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                       "train/mfu": mfu, **({"train/grad_norm": grad_norm} if grad_norm is not None else {})})
+                       "train/loss": debiased_smooth_loss, "train/lrm": lrm, "train/dt": dt,
+                       "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
+                       **({"train/grad_norm": grad_norm} if grad_norm is not None else {})})
     step += 1
 
 # -----------------------------------------------------------------------------
@@ -468,10 +502,11 @@ step_log.close()
 if device_type == "cuda":
     print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f}MiB")
 print0(f"Total training time: {format_seconds(total_training_time)}")
-print0(f"Minimum validation bpb: {min_val_bpb:.4f}" if val_bpb is not None else "No validation bpb measured (eval_every <= 0)")
+print0(f"Minimum validation bpb: {min_val_bpb:.4f}" if val_bpb is not None
+       else "No validation bpb measured (eval_every <= 0)")
 # total_training_time covers steps 11 .. step-1 (the first ones include compilation and warm-up)
 mean_tok_per_sec = total_batch_size * (step - 11) / total_training_time if total_training_time > 0 else None
-mean_mfu = 100 * num_flops_per_token * mean_tok_per_sec / peak_flops if mean_tok_per_sec else mfu  # else: the last step's
+mean_mfu = 100 * num_flops_per_token * mean_tok_per_sec / peak_flops if mean_tok_per_sec else mfu  # else the last
 if mean_tok_per_sec:
     print0(f"Mean throughput after warm-up: {mean_tok_per_sec:,.0f} tok/s | MFU {mean_mfu:.2f}%")
 if not interrupted:

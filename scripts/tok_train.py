@@ -30,7 +30,8 @@ def parse_args(argv=None):
     parser.add_argument("--doc_cap", type=int, default=10_000,
                         help="crop every document to its first doc_cap characters (default: 10_000)")
     parser.add_argument("--vocab_size", type=int, default=65536,
-                        help=f"tokens in the vocabulary, including the {len(SPECIAL_TOKENS)} special tokens (default: 65536)")
+                        help=f"tokens in the vocabulary, including the {len(SPECIAL_TOKENS)} special tokens "
+                             "(default: 65536)")
     args = parser.parse_args(argv)
     if args.max_chars < 1 or args.doc_cap < 1:
         parser.error("--max_chars and --doc_cap must be positive")

@@ -94,7 +94,8 @@ def dry_run_numbers(args, capsys):
 
 @pytest.mark.parametrize("depth", [1, 2, 4, 12, 20])
 def test_dims_params_and_horizon_follow_from_depth(base_dir, capsys, depth):
-    n = dry_run_numbers(["--depth", str(depth), "--max_seq_len=64", "--device_batch_size=4", "--total_batch_size=1024"], capsys)
+    n = dry_run_numbers(["--depth", str(depth), "--max_seq_len=64", "--device_batch_size=4", "--total_batch_size=1024"],
+                        capsys)
     dim = 64 * depth
     heads = -(-dim // 128)
     assert (n["num_layers"], n["model_dim"], n["num_heads"], n["num_kv_heads"]) == (depth, dim, heads, heads)
@@ -132,7 +133,8 @@ def test_help_explains_the_settings(base_dir, capsys):
     for text in ["Runtime", "Model", "Horizon", "Optimisation", "Evaluation", "Output", "--depth=20",
                  "--total_batch_size=524288", "--save_every=-1"]:
         assert text in out
-    assert run_train(["--detph=4"]) == "error: unknown setting 'detph' on the command line. Did you mean --depth? (--help lists them all)"
+    assert run_train(["--detph=4"]) == ("error: unknown setting 'detph' on the command line. "
+                                        "Did you mean --depth? (--help lists them all)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,14 +150,17 @@ def script_function(name, **settings):
 
 
 def test_lr_schedule_edges():
-    lr = script_function("get_lr_multiplier", num_iterations=100, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)
+    lr = script_function("get_lr_multiplier", num_iterations=100, warmup_ratio=0.0, warmdown_ratio=0.2,
+                         final_lr_frac=0.0)
     assert [lr(0), lr(50), lr(80)] == [1.0, 1.0, 1.0]  # flat until the warmdown starts
     assert lr(81) == pytest.approx(0.95) and lr(99) == pytest.approx(0.05)
     assert lr(100) == 0.0  # the last (evaluation-only) step reaches final_lr_frac
-    lr = script_function("get_lr_multiplier", num_iterations=100, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
+    lr = script_function("get_lr_multiplier", num_iterations=100, warmup_ratio=0.1, warmdown_ratio=0.2,
+                         final_lr_frac=0.1)
     assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == 1.0 and lr(10) == 1.0
     assert lr(90) == pytest.approx(0.5 + 0.5 * 0.1) and lr(100) == pytest.approx(0.1)
-    lr = script_function("get_lr_multiplier", num_iterations=10, warmup_ratio=0.0, warmdown_ratio=0.0, final_lr_frac=0.0)
+    lr = script_function("get_lr_multiplier", num_iterations=10, warmup_ratio=0.0, warmdown_ratio=0.0,
+                         final_lr_frac=0.0)
     assert all(lr(i) == 1.0 for i in range(11))  # no warmdown: constant
 
 
@@ -164,6 +169,18 @@ def test_muon_momentum_ramp():
     assert momentum(0) == 0.85
     assert momentum(150) == pytest.approx(0.90)
     assert momentum(300) == pytest.approx(0.95) and momentum(10_000) == pytest.approx(0.95)
+
+
+def test_batch_size_suggestions():
+    batch_size_suggestions = script_function("batch_size_suggestions")
+    # 8 x 64 x 1 = 512 tokens per micro-batch does not divide 1280
+    msg = batch_size_suggestions(1280, 8, 64, 1)
+    assert "1024, 1536" in msg  # the nearest multiples of 512
+    assert "--device_batch_size that divides it: 2, 4, 5, 10" in msg  # 1280 / 64 = 20 rows: the divisors nearest 8
+    # nothing divides when the sequence length itself does not
+    assert "no device_batch_size works" in batch_size_suggestions(1000, 4, 64, 1)
+    # world size counts
+    assert "2048, 3072" in batch_size_suggestions(2560, 8, 64, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,14 +206,18 @@ def test_training_writes_checkpoint_and_log(full_run):
     train, evals = read_log(full_run, "full")
     assert sorted(train) == list(range(6)) and sorted(evals) == [0, 3, 6]
     assert {"step", "loss", "lr_mult", "dt", "tok_per_sec", "mfu", "total_time"} <= train[0].keys()
-    assert train[0]["raw_loss"] == pytest.approx(torch.log(torch.tensor(float(VOCAB))).item(), abs=1e-4)  # zero lm_head: uniform
+    # zero lm_head: uniform
+    assert train[0]["raw_loss"] == pytest.approx(torch.log(torch.tensor(float(VOCAB))).item(), abs=1e-4)
     assert train[5]["raw_loss"] < train[0]["raw_loss"] - 1.0  # it learns
     assert evals[6] < evals[0] and meta["val_bpb"] == evals[6]
     assert [train[i]["lr_mult"] for i in range(6)] == [1.0] * 6  # round(0.2 * 6) = 1 warmdown step starts after step 5
 
 
 def test_ctrl_c_saves_and_resume_is_exact(full_run, monkeypatch):
-    """Ctrl-C during step 2 -> checkpoint at step 3 -> resume: steps 3-5 and the final weights equal the uninterrupted run's."""
+    """
+    Ctrl-C during step 2 -> checkpoint at step 3 -> resume: steps 3-5 and the final weights equal the
+    uninterrupted run's.
+    """
     import nanochat.dataloader as dataloader
     real_loader = dataloader.tokenizing_distributed_data_loader
 
@@ -276,7 +297,8 @@ def test_two_processes_match_one(full_run):
         assert abs(two[step]["raw_loss"] - one[step]["raw_loss"]) < 0.15, (step, one, two)
 
     first_weights = torch.load(os.path.join(folder, "model_000006.pt"))
-    result = subprocess.run([*cmd, "--resume_from_step=3"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*cmd, "--resume_from_step=3"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     resumed, _ = read_log(full_run, "ddp")
     assert [resumed[i]["raw_loss"] for i in range(6)] == [two[i]["raw_loss"] for i in range(6)]

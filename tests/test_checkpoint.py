@@ -48,7 +48,8 @@ def test_round_trip_and_layout(tmp_path):
     folder = str(tmp_path / "d1")
     save_checkpoint(folder, 12, model.state_dict(), optimizer_data, meta_for(config, 12), rank=0)
     save_checkpoint(folder, 12, None, [{"rank": 1}], None, rank=1)  # another rank: only its optimizer shard
-    assert sorted(os.listdir(folder)) == ["meta_000012.json", "model_000012.pt", "optim_000012_rank0.pt", "optim_000012_rank1.pt"]
+    assert sorted(os.listdir(folder)) == ["meta_000012.json", "model_000012.pt", "optim_000012_rank0.pt",
+                                          "optim_000012_rank1.pt"]
     model_data, loaded_opt, meta = load_checkpoint(folder, 12, "cpu", load_optimizer=True)
     assert model_data.keys() == model.state_dict().keys()
     assert all(torch.equal(model_data[k], v) for k, v in model.state_dict().items())

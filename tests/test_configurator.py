@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from nanochat.configurator import (ConfigError, batch_size_suggestions, configure, parse_args, read_settings)
+from nanochat.configurator import ConfigError, configure, parse_args, read_settings
 
 SCRIPT = textwrap.dedent('''
     """A toy script."""
@@ -45,7 +45,8 @@ def test_reads_groups_comments_and_defaults(script):
     path, namespace = script
     settings = read_settings(path, {k: v for k, v in namespace.items() if not k.startswith("_")})
     assert [s.name for s in settings] == ["run", "dry_run", "depth", "max_seq_len", "matrix_lr", "eval_tokens"]
-    assert [s.group for s in settings] == ["Runtime: where it runs"] * 2 + ["Model: what is trained"] * 2 + ["Optimisation"] * 2
+    assert [s.group for s in settings] == (["Runtime: where it runs"] * 2 + ["Model: what is trained"] * 2
+                                           + ["Optimisation"] * 2)
     assert settings[2].help == "number of layers"
     assert settings[2].default == 20
 
@@ -148,14 +149,3 @@ def test_help_lists_groups_explanations_and_defaults(script, capsys):
         assert line in out
     assert out.index("Runtime") < out.index("--run") < out.index("Model") < out.index("--depth")
     assert out.count("--depth=") == 1  # the later reassignment is not listed
-
-
-def test_batch_size_suggestions():
-    # 8 x 64 x 1 = 512 tokens per micro-batch does not divide 1280
-    msg = batch_size_suggestions(1280, 8, 64, 1)
-    assert "1024, 1536" in msg  # the nearest multiples of 512
-    assert "--device_batch_size that divides it: 2, 4, 5, 10" in msg  # 1280 / 64 = 20 rows: the divisors nearest 8
-    # nothing divides when the sequence length itself does not
-    assert "no device_batch_size works" in batch_size_suggestions(1000, 4, 64, 1)
-    # world size counts
-    assert "2048, 3072" in batch_size_suggestions(2560, 8, 64, 2)

@@ -67,7 +67,8 @@ LM_META = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_del
 
 
 def test_render_mc_with_fewshot():
-    fewshot = [{"query": "Q1?", "choices": ["a1", "b1"], "gold": 1}, {"query": "Q2?", "choices": ["a2", "b2"], "gold": 0}]
+    fewshot = [{"query": "Q1?", "choices": ["a1", "b1"], "gold": 1},
+               {"query": "Q2?", "choices": ["a2", "b2"], "gold": 0}]
     item = {"query": "Q3?", "choices": ["x", "y"], "gold": 0}
     assert render_prompts_mc(item, "\nAnswer: ", fewshot) == [
         "Q1?\nAnswer: b1\n\nQ2?\nAnswer: a2\n\nQ3?\nAnswer: x",
@@ -138,16 +139,19 @@ def test_schema_scores_the_shared_continuation_under_each_context():
 def test_lm_needs_every_continuation_token_predicted():
     item = {"context": "ab ", "continuation": "cd"}
     # prompt "ab cd": scored targets ' ', 'c', 'd' predicted after 'b', ' ', 'c'
-    assert evaluate_example(0, BigramModel([("b", " "), (" ", "c"), ("c", "d")]), CharTokenizer(), [item], "cpu", LM_META) is True
+    model = BigramModel([("b", " "), (" ", "c"), ("c", "d")])
+    assert evaluate_example(0, model, CharTokenizer(), [item], "cpu", LM_META) is True
     assert evaluate_example(0, BigramModel([("b", " "), (" ", "c")]), CharTokenizer(), [item], "cpu", LM_META) is False
     # the context before the span does not matter
-    assert evaluate_example(0, BigramModel([("a", "z"), ("b", " "), (" ", "c"), ("c", "d")]), CharTokenizer(), [item], "cpu", LM_META) is True
+    model = BigramModel([("a", "z"), ("b", " "), (" ", "c"), ("c", "d")])
+    assert evaluate_example(0, model, CharTokenizer(), [item], "cpu", LM_META) is True
 
 
 def test_evaluate_task_accuracy():
     model = BigramModel([(" ", "p"), ("p", "q")])
     data = [{"query": "Q", "choices": ["pq", "zz"], "gold": 0}, {"query": "R", "choices": ["zz", "pq"], "gold": 0},
-            {"query": "S", "choices": ["zz", "zz ", "pq"], "gold": 2}, {"query": "T", "choices": ["pq", "zq"], "gold": 0}]
+            {"query": "S", "choices": ["zz", "zz ", "pq"], "gold": 2},
+            {"query": "T", "choices": ["pq", "zq"], "gold": 0}]
     assert evaluate_task(model, CharTokenizer(), data, "cpu", MC_META) == 0.75
 
 
@@ -186,7 +190,8 @@ def test_long_prompts_are_cropped_from_the_left_to_max_seq_len():
     assert evaluate_example(0, model, CharTokenizer(), [item], "cpu", MC_META) is True
     assert model.seen_lengths == [6]  # "zzz pq" and "zz rst": the last 6 tokens of each
     # same decision as the uncropped model: only context far from the answer was dropped
-    assert evaluate_example(0, BigramModel([(" ", "p"), ("r", "s"), ("s", "t")]), CharTokenizer(), [item], "cpu", MC_META) is True
+    model = BigramModel([(" ", "p"), ("r", "s"), ("s", "t")])
+    assert evaluate_example(0, model, CharTokenizer(), [item], "cpu", MC_META) is True
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +244,8 @@ def make_bundle(root):
         )
     with open(os.path.join(bundle, "eval_meta_data.csv"), "w", encoding="utf-8") as f:
         f.write("Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?,Description\n"
-                "tiny_mc,x,multiple choice,2,6,50,,\"a, b\"\ntiny_schema,x,schema,0,4,50,,d\ntiny_lm,x,language modeling,1,2,0,,d\n"
+                "tiny_mc,x,multiple choice,2,6,50,,\"a, b\"\ntiny_schema,x,schema,0,4,50,,d\n"
+                "tiny_lm,x,language modeling,1,2,0,,d\n"
                 "not_shipped,x,schema,0,1,50,,d\n")
     return bundle
 
@@ -286,7 +292,8 @@ def test_bundle_download_and_atomic_unzip(tmp_path, monkeypatch):
 
     bundle_dir = base_eval.ensure_eval_bundle()
     assert bundle_dir == str(base / "eval_bundle")
-    assert open(os.path.join(bundle_dir, "eval_data", "lm.jsonl")).read() == open(os.path.join(src, "eval_data", "lm.jsonl")).read()
+    unpacked, original = os.path.join(bundle_dir, "eval_data", "lm.jsonl"), os.path.join(src, "eval_data", "lm.jsonl")
+    assert open(unpacked).read() == open(original).read()
     leftovers = [n for n in os.listdir(base) if n.endswith(".tmp")]
     assert leftovers == []
 

@@ -60,7 +60,8 @@ def take(loader, n):
 
 def test_batches_are_the_token_stream_cut_in_rows(shards, tokenizer):
     B, T = 3, 16
-    loader = tokenizing_distributed_data_loader(B, T, "train", tokenizer_batch_size=5, device="cpu", tokenizer=tokenizer)
+    loader = tokenizing_distributed_data_loader(B, T, "train", tokenizer_batch_size=5, device="cpu",
+                                                tokenizer=tokenizer)
     epoch = expected_stream(tokenizer, "train")
     stream = epoch * 3
     n = B * T + 1

@@ -76,7 +76,8 @@ def test_server_errors_and_damaged_files_are_retried(http_source, base_dir, caps
     }
     assert dataset.main(["-n", "3", "--retries", "4", *FAST]) == 0
     counts = {name: http_source.requests.count(name) for name in set(http_source.requests)}
-    assert counts == {"shard_00000.parquet": 3, "shard_00001.parquet": 3, "shard_00002.parquet": 1, "shard_00003.parquet": 2}
+    assert counts == {"shard_00000.parquet": 3, "shard_00001.parquet": 3, "shard_00002.parquet": 1,
+                      "shard_00003.parquet": 2}
     for i in (0, 1, 2, 3):
         assert read_texts(base_dir / "base_data" / dataset.shard_filename(i)) == shard_texts(i)
     assert data_files(base_dir) == [dataset.shard_filename(i) for i in range(4)]
@@ -125,7 +126,7 @@ def test_command_line_exit_code(tmp_path, base_dir):
 def test_leftovers_of_a_killed_run_are_removed(http_source, base_dir):
     data_dir = base_dir / "base_data"
     data_dir.mkdir()
-    stale, live = data_dir / "shard_00000.parquet.123-45.unchecked.x1.tmp", data_dir / "shard_00002.parquet.9-9.unchecked"
+    stale, live = data_dir / "shard_00000.parquet.x1b2c3d4.tmp", data_dir / "shard_00002.parquet.e5f6g7h8.tmp"
     stale.write_bytes(b"half a file")
     live.write_bytes(b"being written by another process right now")
     os.utime(stale, (1e9, 1e9))  # untouched for years

@@ -80,7 +80,8 @@ def test_causality(config):
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_GQA], ids=["mha", "gqa"])
-@pytest.mark.parametrize("chunks", [[6] + [1] * 10, [5, 4, 3, 1, 1, 2], [1] * 8], ids=["prefill+decode", "chunked", "decode-only"])
+@pytest.mark.parametrize("chunks", [[6] + [1] * 10, [5, 4, 3, 1, 1, 2], [1] * 8],
+                         ids=["prefill+decode", "chunked", "decode-only"])
 def test_kv_cache_matches_full_forward(config, chunks):
     model = build(config)
     B, T = 2, sum(chunks)

@@ -56,7 +56,8 @@ class UniformModel(torch.nn.Module):
 
     def forward(self, idx, targets, loss_reduction="mean"):
         logits = torch.zeros(*idx.shape, V)
-        return F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1, reduction=loss_reduction).view(idx.shape)
+        return F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1,
+                               reduction=loss_reduction).view(idx.shape)
 
 
 def tiny_gpt(uniform):
@@ -80,14 +81,16 @@ def test_uniform_model_matches_closed_form():
     expected = closed_form_bpb(batches, token_bytes)
     assert evaluate_bpb(UniformModel(), batches, 4, token_bytes) == pytest.approx(expected, rel=1e-6)
     # only the first `steps` batches count
-    assert evaluate_bpb(UniformModel(), batches, 1, token_bytes) == pytest.approx(closed_form_bpb(batches[:1], token_bytes), rel=1e-6)
+    expected = closed_form_bpb(batches[:1], token_bytes)
+    assert evaluate_bpb(UniformModel(), batches, 1, token_bytes) == pytest.approx(expected, rel=1e-6)
 
 
 def test_real_gpt_with_uniform_logits_matches_closed_form():
     token_bytes = make_token_bytes()
     batches = make_batches(2)
     model = tiny_gpt(uniform=True)
-    assert evaluate_bpb(model, batches, 2, token_bytes) == pytest.approx(closed_form_bpb(batches, token_bytes), rel=1e-6)
+    expected = closed_form_bpb(batches, token_bytes)
+    assert evaluate_bpb(model, batches, 2, token_bytes) == pytest.approx(expected, rel=1e-6)
 
 
 def test_excluded_targets_do_not_change_bpb():

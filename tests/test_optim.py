@@ -136,7 +136,7 @@ def dist_worker(rank, store_path, out_path):
         per_rank = BATCH // WORLD_SIZE
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         results = {"native": train(make_model(), make_batches(), rows)}
-        collectives._native_reduce_scatter = False  # the all_reduce + slice fallback for backends without reduce_scatter
+        collectives._native_reduce_scatter = False  # the all_reduce + slice fallback (backends without reduce_scatter)
         results["fallback"] = train(make_model(), make_batches(), rows)
         results["odd"] = odd_shape_adamw_step(rank, WORLD_SIZE)
         if rank == 0:
@@ -158,7 +158,8 @@ def test_distributed_step_matches_single_process(tmp_path):
     for mode in ("native", "fallback"):
         for name, value in expected.items():
             torch.testing.assert_close(results[mode][name], value, atol=1e-5, rtol=1e-5, msg=f"{mode} {name}")
-        assert not torch.equal(results[mode]["transformer.h.0.attn.c_q.weight"], make_model().state_dict()["transformer.h.0.attn.c_q.weight"])
+        name = "transformer.h.0.attn.c_q.weight"
+        assert not torch.equal(results[mode][name], make_model().state_dict()[name])
 
     g = torch.Generator().manual_seed(5)
     p = torch.nn.Parameter(torch.randn(5, 3, generator=g))

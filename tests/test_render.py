@@ -33,9 +33,10 @@ def test_plain_turns(tok):
     ids, mask = tok.render_conversation(conversation)
     u, a = tok.encode("How many r?"), tok.encode("Three.")
     u2, a2 = tok.encode("Sure?"), tok.encode("Yes")
-    expected = ([tok.get_bos_token_id(), sp(tok, "<|user_start|>")] + u + [sp(tok, "<|user_end|>"), sp(tok, "<|assistant_start|>")]
-                + a + [sp(tok, "<|assistant_end|>"), sp(tok, "<|user_start|>")] + u2 + [sp(tok, "<|user_end|>"),
-                sp(tok, "<|assistant_start|>")] + a2 + [sp(tok, "<|assistant_end|>")])
+    expected = ([tok.get_bos_token_id(), sp(tok, "<|user_start|>")] + u
+                + [sp(tok, "<|user_end|>"), sp(tok, "<|assistant_start|>")] + a
+                + [sp(tok, "<|assistant_end|>"), sp(tok, "<|user_start|>")] + u2
+                + [sp(tok, "<|user_end|>"), sp(tok, "<|assistant_start|>")] + a2 + [sp(tok, "<|assistant_end|>")])
     expected_mask = ([0, 0] + [0] * len(u) + [0, 0] + [1] * len(a) + [1, 0] + [0] * len(u2) + [0, 0]
                      + [1] * len(a2) + [1])
     assert ids == expected
@@ -119,7 +120,8 @@ def test_render_for_completion(tok):
 
 
 def test_visualize_marks_every_token(tok):
-    ids, mask = tok.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    ids, mask = tok.render_conversation({"messages": [{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "yo"}]})
     assert tok.visualize_tokenization(ids, mask).count("|") >= len(ids) - 1
 
 
@@ -132,13 +134,16 @@ def test_visualize_marks_every_token(tok):
                    {"role": "assistant", "content": "c"}]}, "message 2 is from 'assistant'"),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
                    {"role": "user", "content": "b"}]}, "message 2 is from 'user'"),
-    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}, "message 1 must be from the user"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
+     "message 1 must be from the user"),
     ({"messages": [{"role": "user", "content": ["a"]}]}, "message 0 (user) content must be a string"),
     ({"messages": [{"role": "user", "content": "a"},
-                   {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]}, "message 1 (assistant) part 0"),
+                   {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]},
+     "message 1 (assistant) part 0"),
     ({"messages": [{"role": "user", "content": "a"},
                    {"role": "assistant", "content": [{"type": "text"}]}]}, "message 1 (assistant) part 0"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]}, "message 1 (assistant) content"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]},
+     "message 1 (assistant) content"),
     ({"messages": [{"role": "user"}]}, "message 0 must be a dict with 'role' and 'content'"),
 ])
 def test_bad_conversations_name_the_message(tok, conversation, message):
@@ -147,7 +152,8 @@ def test_bad_conversations_name_the_message(tok, conversation, message):
 
 
 def test_completion_prompt_of_a_bad_conversation_raises(tok):
-    bad_part = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "tool", "text": "x"}]},
+    bad_part = {"messages": [{"role": "user", "content": "a"},
+                             {"role": "assistant", "content": [{"type": "tool", "text": "x"}]},
                              {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}
     with pytest.raises(ValueError, match=re.escape("message 1 (assistant) part 0")):
         tok.render_for_completion(bad_part)

@@ -138,7 +138,8 @@ def test_round_trip(tok, docs):
 
 def test_digits_group_in_at_most_two():
     # "123456" everywhere: a tokenizer without the \p{N}{1,2} rule would learn "123", "1234", ...
-    docs = [f"year {n} code 123456 and 9876543210 then {n * 7} " + " ".join(make_docs(n, 1, 10)) for n in range(1000, 1400)]
+    docs = [f"year {n} code 123456 and 9876543210 then {n * 7} " + " ".join(make_docs(n, 1, 10))
+            for n in range(1000, 1400)]
     tokenizer = RustBPETokenizer.train_from_iterator(iter(docs), vocab_size=400)
     longest_digit_run = max(len(m) for t in ranks_of(tokenizer) for m in regex.findall(rb"[0-9]+", t) or [b""])
     assert longest_digit_run == 2
@@ -195,7 +196,8 @@ def test_save_load_round_trip(tok, base_dir):
     first_special = 512 - len(SPECIAL_TOKENS)
     assert token_bytes[first_special:].tolist() == [0] * len(SPECIAL_TOKENS)
     assert token_bytes[:256].tolist() == [1] * 256  # every single byte counts as one, UTF-8 or not
-    assert token_bytes[:first_special].tolist() == [len(t) for t, _ in sorted(ranks_of(tok).items(), key=lambda x: x[1])]
+    by_rank = sorted(ranks_of(tok).items(), key=lambda x: x[1])
+    assert token_bytes[:first_special].tolist() == [len(t) for t, _ in by_rank]
     # summed over an encoding, the byte counts give back the UTF-8 length exactly (what bits per byte needs)
     for text in MIXED_SAMPLES:
         ids = tok.encode(text, prepend="<|bos|>")
