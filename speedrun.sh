@@ -51,7 +51,8 @@ launch() {
         --device_type="$DEVICE_TYPE" "$@" ${!extra:-}
 }
 
-source "$REPO_ROOT/runs/stages.sh" speedrun.sh  # BASE_DIR, the failing-stage message, stage(), last_checkpoint_step(), print_chat_commands()
+# BASE_DIR, the failing-stage message, stage(), last_checkpoint_step(), print_chat_commands()
+source "$REPO_ROOT/runs/stages.sh" speedrun.sh
 echo "speedrun.sh: outputs in $BASE_DIR; $NPROC_PER_NODE processes ($DEVICE_TYPE); depth $DEPTH; wandb run: $WANDB_RUN"
 
 # A new run starts a new report (system info and start time); a re-run continues the old one.

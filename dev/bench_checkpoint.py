@@ -37,17 +37,28 @@ def main():
     times = {"save": [], "save+record": [], "load": [], "verify+load": []}
     try:
         for _ in range(args.rounds):
-            t0 = time.perf_counter(); atomic_write(path, lambda f: torch.save(state, f)); times["save"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); torch.load(path, weights_only=True); times["load"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); record = write_recorded(path, lambda f: torch.save(state, f)); times["save+record"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); verify_file(path, record, ""); torch.load(path, weights_only=True); times["verify+load"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            atomic_write(path, lambda f: torch.save(state, f))
+            times["save"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            torch.load(path, weights_only=True)
+            times["load"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            record = write_recorded(path, lambda f: torch.save(state, f))
+            times["save+record"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            verify_file(path, record, "")
+            torch.load(path, weights_only=True)
+            times["verify+load"].append(time.perf_counter() - t0)
         t0 = time.perf_counter(); file_record(path); crc_seconds = time.perf_counter() - t0
     finally:
         shutil.rmtree(folder)
     best = {k: min(v) for k, v in times.items()}
     print(f"depth {args.depth}: {nbytes / 1e9:.2f} GB of fp32 weights, best of {args.rounds} rounds (alternating)")
-    print(f"  save  without records: {best['save']:.2f}s | with: {best['save+record']:.2f}s | ratio {best['save+record'] / best['save']:.2f}")
-    print(f"  load  without check:   {best['load']:.2f}s | with: {best['verify+load']:.2f}s | ratio {best['verify+load'] / best['load']:.2f}")
+    print(f"  save  without records: {best['save']:.2f}s | with: {best['save+record']:.2f}s | "
+          f"ratio {best['save+record'] / best['save']:.2f}")
+    print(f"  load  without check:   {best['load']:.2f}s | with: {best['verify+load']:.2f}s | "
+          f"ratio {best['verify+load'] / best['load']:.2f}")
     print(f"  CRC-32 of the file alone: {crc_seconds:.2f}s ({nbytes / crc_seconds / 1e9:.2f} GB/s)")
 
 

@@ -117,7 +117,10 @@ def read_meta(checkpoint_dir, step, rank=0, load_optimizer=False):
 
 
 def _step_problem(checkpoint_dir, step, rank=0, load_optimizer=False, full=True):
-    """None if the step's files (model, meta, and this rank's optimizer shard if wanted) are intact, else (path, problem)."""
+    """
+    None if the step's files (model, meta, and this rank's optimizer shard if wanted) are intact,
+    else (path, problem).
+    """
     meta_path = os.path.join(checkpoint_dir, meta_filename(step))
     if not os.path.exists(meta_path):
         return meta_path, "the file is missing"
@@ -183,7 +186,8 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
         raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoint_dir} ({available})")
     meta_data, records = read_meta(checkpoint_dir, step, rank, load_optimizer)
     if not os.path.exists(model_path):
-        raise DamagedFileError(model_path, "the file is missing", _earlier_step_hint(checkpoint_dir, step, rank, load_optimizer))
+        raise DamagedFileError(model_path, "the file is missing",
+                               _earlier_step_hint(checkpoint_dir, step, rank, load_optimizer))
     model_data = _load_file(checkpoint_dir, step, model_filename(step), records, device, rank, load_optimizer)
     optimizer_data = None
     if load_optimizer:
@@ -244,7 +248,8 @@ def list_steps(checkpoint_dir):
         if problem is None:
             steps.append(step)
         else:
-            print0(f"warning: skipping step {step} of {checkpoint_dir}: {problem[0]} is damaged ({problem[1]})", file=sys.stderr)
+            print0(f"warning: skipping step {step} of {checkpoint_dir}: {problem[0]} is damaged ({problem[1]})",
+                   file=sys.stderr)
     return steps
 
 

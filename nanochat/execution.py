@@ -65,10 +65,11 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, isol
             os.chown(workdir, NOBODY, NOBODY)  # the program runs as nobody and must write here
             os.chmod(outdir, 0o711)
             os.chmod(library_root, 0o755)
-        token = secrets.token_hex(16)  # written to done_w only if the program ran to its end (os._exit(0) is no success)
+        # written to done_w only if the program ran to its end (os._exit(0) is no success)
+        token = secrets.token_hex(16)
         done_r, done_w = os.pipe()
-        config = dict(workdir=workdir, library_root=library_root, done_fd=done_w, isolate=isolate, cpu_seconds=int(timeout) + 2,
-                      memory_bytes=maximum_memory_bytes)
+        config = dict(workdir=workdir, library_root=library_root, done_fd=done_w, isolate=isolate,
+                      cpu_seconds=int(timeout) + 2, memory_bytes=maximum_memory_bytes)
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         with open(os.path.join(outdir, "out"), "w+b") as out, open(os.path.join(outdir, "err"), "w+b") as err:
             proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), json.dumps(config)],
@@ -101,7 +102,8 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, isol
         elif not success:
             lines = stderr.strip().splitlines()
             error = lines[-1] if lines else f"exit status {proc.returncode}"
-        return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded, isolation.removeprefix("isolation="))
+        return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded,
+                               isolation.removeprefix("isolation="))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(outdir, ignore_errors=True)
@@ -163,12 +165,15 @@ def enter_namespaces(workdir, library_root):
                     os.mkdir(moved[folder])
                     libc_call("mount", folder.encode(), moved[folder].encode(), None, MS_BIND | MS_REC, None)
                     sys.path[i] = moved[folder]
-            for module in list(sys.modules.values()):  # packages already imported (encodings, ...) find submodules there too
+            # packages already imported (encodings, ...) find submodules there too
+            for module in list(sys.modules.values()):
                 if isinstance(getattr(module, "__path__", None), list):
                     module.__path__[:] = [relocate(p, moved) for p in module.__path__]
             sys.path_importer_cache.clear()
-        libc_call("syscall", SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(readonly), ctypes.sizeof(readonly))
-        libc_call("syscall", SYS_MOUNT_SETATTR, AT_FDCWD, path, 0, ctypes.byref(writable), ctypes.sizeof(writable))  # ...left writable
+        # the whole tree read-only, then the working folder left writable
+        libc_call("syscall", SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(readonly),
+                  ctypes.sizeof(readonly))
+        libc_call("syscall", SYS_MOUNT_SETATTR, AT_FDCWD, path, 0, ctypes.byref(writable), ctypes.sizeof(writable))
     except OSError:  # e.g. a kernel before 5.12 (no mount_setattr): isolated network, guarded files
         return True, False
     return True, True
@@ -227,7 +232,10 @@ def limit_and_drop_privileges(config, isolated):
 
 
 def install_guards(workdir, block_network):
-    """The fallback without namespaces: stop (non-malicious) network use, process creation and writes outside workdir."""
+    """
+    The fallback without namespaces: stop (non-malicious) network use, process creation and writes
+    outside workdir.
+    """
     import builtins, io, shutil as shutil_module, socket, subprocess as subprocess_module
     root = os.path.realpath(workdir)
 

@@ -51,7 +51,8 @@ TOKENIZER_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 # what rebuilds a damaged tokenizer file
 REBUILD_HINT = ("Rebuild the tokenizer with the command that made it (`python -m scripts.tok_train` with the same "
-                "--max_chars and --vocab_size gives the same tokenizer on the same data), or restore the folder from a copy.")
+                "--max_chars and --vocab_size gives the same tokenizer on the same data), "
+                "or restore the folder from a copy.")
 
 
 class RustBPETokenizer:
@@ -239,7 +240,8 @@ class RustBPETokenizer:
         pkl_path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
         records = {TOKENIZER_FILE: write_recorded(pkl_path, lambda f: pickle.dump(self.enc, f))}
         token_bytes = torch.tensor(self.token_byte_lengths(), dtype=torch.int32)
-        records[TOKEN_BYTES_FILE] = write_recorded(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
+        records[TOKEN_BYTES_FILE] = write_recorded(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE),
+                                                   lambda f: torch.save(token_bytes, f))
         atomic_write(os.path.join(tokenizer_dir, MANIFEST), lambda f: json.dump(records, f, indent=2), mode="w")
         return pkl_path
 

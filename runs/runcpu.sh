@@ -45,7 +45,8 @@ MODEL_TAG="d${DEPTH}"
 # spinning threads made training ~3x slower here (2.1 s vs 6.1 s per step with other jobs running).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-source "$REPO_ROOT/runs/stages.sh" runcpu.sh  # BASE_DIR, the failing-stage message, stage(), last_checkpoint_step(), print_chat_commands()
+# BASE_DIR, the failing-stage message, stage(), last_checkpoint_step(), print_chat_commands()
+source "$REPO_ROOT/runs/stages.sh" runcpu.sh
 echo "runcpu.sh: outputs in $BASE_DIR"
 
 # A new run starts a new report; a re-run after a failure continues the old one.

@@ -25,12 +25,16 @@ make_venv() {
     if command -v uv >/dev/null 2>&1; then
         echo "[setup] '$python -m venv' is unavailable (no python3-venv package): creating .venv with uv instead"
         uv venv --quiet --seed --python "$python" "$dir" && return 0
-    elif "$python" -m virtualenv --version >/dev/null 2>&1 || "$python" -m pip install --quiet --user virtualenv >/dev/null 2>&1; then
-        echo "[setup] '$python -m venv' is unavailable (no python3-venv package): creating .venv with virtualenv instead"
+    elif "$python" -m virtualenv --version >/dev/null 2>&1 \
+            || "$python" -m pip install --quiet --user virtualenv >/dev/null 2>&1; then
+        echo "[setup] '$python -m venv' is unavailable (no python3-venv package):" \
+            "creating .venv with virtualenv instead"
         "$python" -m virtualenv --quiet "$dir" && return 0
     fi
     rm -rf "$dir"
-    echo "[setup] error: cannot create .venv: '$python -m venv' needs the python3-venv package (sudo apt-get install -y python3-venv), or install uv or virtualenv (python3 -m pip install --user virtualenv)" >&2
+    echo "[setup] error: cannot create .venv: '$python -m venv' needs the python3-venv package" \
+        "(sudo apt-get install -y python3-venv), or install uv or virtualenv" \
+        "(python3 -m pip install --user virtualenv)" >&2
     return 1
 }
 
@@ -54,7 +58,9 @@ install_torch() {
             elif version_at_least "${cuda_max:-0}" 12.8; then tag=cu128
             elif version_at_least "${cuda_max:-0}" 12.6; then tag=cu126
             else
-                echo "[setup] error: NVIDIA driver $driver supports CUDA up to ${cuda_max:-?}, older than any build of torch $GPU_TORCH_VERSION (CUDA 12.6 or newer): update the driver, or set NANOCHAT_TORCH_SPEC to an older torch" >&2
+                echo "[setup] error: NVIDIA driver $driver supports CUDA up to ${cuda_max:-?}, older than any" \
+                    "build of torch $GPU_TORCH_VERSION (CUDA 12.6 or newer): update the driver, or set" \
+                    "NANOCHAT_TORCH_SPEC to an older torch" >&2
                 return 1
             fi
         fi
@@ -62,10 +68,12 @@ install_torch() {
         why="NVIDIA GPU found (driver $driver, CUDA up to $cuda_max): the $tag build from $TORCH_INDEX/$tag"
     elif [ "$(uname -s)" = Linux ]; then
         spec="torch==$CPU_TORCH_VERSION"
-        if "${pip[0]}" -c "import urllib.request; urllib.request.urlopen('$TORCH_INDEX/cpu', timeout=5)" >/dev/null 2>&1; then
+        if "${pip[0]}" -c "import urllib.request; urllib.request.urlopen('$TORCH_INDEX/cpu', timeout=5)" \
+                >/dev/null 2>&1; then
             index=(--index-url "$TORCH_INDEX/cpu"); why="no NVIDIA GPU: the CPU build from $TORCH_INDEX/cpu"
         else
-            why="no NVIDIA GPU, and $TORCH_INDEX/cpu is unreachable: the default index (on Linux that wheel may be the CUDA build)"
+            why="no NVIDIA GPU, and $TORCH_INDEX/cpu is unreachable: the default index"
+            why+=" (on Linux that wheel may be the CUDA build)"
         fi
     else
         spec="torch==$CPU_TORCH_VERSION"; why="$(uname -s): the default index's build"
@@ -77,13 +85,17 @@ install_torch() {
 # check_torch PYTHON: print the build; when nvidia-smi sees a GPU, torch must see it too
 check_torch() {
     local python=$1
-    "$python" -c "import torch; print(f'[setup] torch {torch.__version__} (CUDA build: {torch.version.cuda or \"none\"})')"
+    "$python" -c "import torch
+print(f'[setup] torch {torch.__version__} (CUDA build: {torch.version.cuda or \"none\"})')"
     if has_gpu && [ -z "${NANOCHAT_TORCH_SPEC:-}" ]; then
         if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
             local driver torch_build
             driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1)
             torch_build=$("$python" -c "import torch; print(torch.__version__)")
-            echo "[setup] error: nvidia-smi sees a GPU (driver $driver) but torch $torch_build cannot use it: the wheel needs a newer driver than this one, or it is a CPU build. Remove .venv and set NANOCHAT_TORCH_CUDA (cu126, cu128, cu130) or NANOCHAT_TORCH_SPEC to a build this driver supports, or update the driver." >&2
+            echo "[setup] error: nvidia-smi sees a GPU (driver $driver) but torch $torch_build cannot use it:" \
+                "the wheel needs a newer driver than this one, or it is a CPU build. Remove .venv and set" \
+                "NANOCHAT_TORCH_CUDA (cu126, cu128, cu130) or NANOCHAT_TORCH_SPEC to a build this driver" \
+                "supports, or update the driver." >&2
             return 1
         fi
     fi

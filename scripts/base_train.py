@@ -30,7 +30,8 @@ from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loade
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core, ensure_eval_bundle
 from nanochat.engine import SAMPLE_PROMPTS, greedy_sample
-from nanochat.training import capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest, muon_momentum
+from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
+                               muon_momentum)
 from nanochat.report import get_report
 from nanochat import hardware
 
@@ -346,7 +347,8 @@ def stop_and_save():
     print0(f"Stopped at step {step}. Continue with the same command plus --resume_from_step={step}")
 
 # Step log: one JSON line per step and per evaluation; a resumed run drops what came after its step
-step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None, enabled=master_process)
+step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None,
+                   enabled=master_process)
 
 # wandb: only rank 0, only for named runs (WANDB_MODE=offline keeps it local)
 if run != "dummy" and master_process:

@@ -13,7 +13,8 @@ class ARC(Task):
     def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
         if subset not in ("ARC-Easy", "ARC-Challenge") or split not in ("train", "validation", "test"):
-            raise ValueError(f"ARC needs subset ARC-Easy|ARC-Challenge and split train|validation|test, got {subset}/{split}")
+            raise ValueError(f"ARC needs subset ARC-Easy|ARC-Challenge and split train|validation|test, "
+                             f"got {subset}/{split}")
         self.ds = load_split("allenai/ai2_arc", subset, split)
 
     def num_examples(self):

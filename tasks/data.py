@@ -38,7 +38,8 @@ def check_parquet(path):
         pq.ParquetFile(path).metadata
     except Exception as e:
         os.remove(path)
-        raise ValueError(f"downloaded {path} is not a readable parquet file ({e}); removed it, run again to retry") from e
+        raise ValueError(f"downloaded {path} is not a readable parquet file ({e}); removed it, "
+                         "run again to retry") from e
     record_download(path)
 
 
@@ -73,8 +74,8 @@ def download_split(repo, config, split):
             if paths and is_not_found(e):
                 print(f"  no {shard} there: {repo} {config}/{split} has {len(paths)} shard(s)")
                 break  # past the last shard
-            raise RuntimeError(f"could not get {repo} {config}/{split} from {shard_url(repo, config, split, shard)}: {e}. "
-                               "Offline? Point NANOCHAT_TASKS_URL at a local copy (see tasks/data.py).") from e
+            raise RuntimeError(f"could not get {repo} {config}/{split} from {shard_url(repo, config, split, shard)}: "
+                               f"{e}. Offline? Point NANOCHAT_TASKS_URL at a local copy (see tasks/data.py).") from e
     atomic_write(shard_list, lambda f: f.write("\n".join(os.path.basename(p) for p in paths)), mode="w")
     return paths
 

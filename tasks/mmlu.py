@@ -14,7 +14,8 @@ class MMLU(Task):
 
     def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
-        if (subset, split) != ("auxiliary_train", "train") and (subset != "all" or split not in ("test", "dev", "validation")):
+        if ((subset, split) != ("auxiliary_train", "train")
+                and (subset != "all" or split not in ("test", "dev", "validation"))):
             raise ValueError(f"MMLU has all/test|dev|validation and auxiliary_train/train, got {subset}/{split}")
         self.subset = subset
         self.ds = load_split("cais/mmlu", subset, split)

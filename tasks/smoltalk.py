@@ -21,7 +21,8 @@ class SmolTalk(Task):
         return len(self.ds)
 
     def get_example(self, index):
-        conversation = {"messages": self.ds[index]["messages"]}  # the system message, if any, stays: rendering merges it
+        # the system message, if any, stays: rendering merges it
+        conversation = {"messages": self.ds[index]["messages"]}
         try:
             if len(chat_messages(conversation)) < 2:
                 raise ValueError("needs at least one user message and one assistant reply")

@@ -40,7 +40,8 @@ QUESTION_TEMPLATES = [
     "{word}中有多少个{letter}", "{word}里有几个{letter}", "数一下{word}中的{letter}", "{word}这个词里有多少{letter}",
     "{word}에 {letter}가 몇 개 있나요", "{word}에서 {letter}의 개수는", "{word}에 {letter}가 몇 번 나오나요",
     "{word}라는 단어에 {letter}가 몇 개",
-    "Combien de {letter} dans {word}", "Combien de fois {letter} apparaît dans {word}", "Compte les {letter} dans {word}",
+    "Combien de {letter} dans {word}", "Combien de fois {letter} apparaît dans {word}",
+    "Compte les {letter} dans {word}",
     "Wie viele {letter} sind in {word}", "Wie oft kommt {letter} in {word} vor", "Zähle die {letter} in {word}",
     "{word}に{letter}は何個ありますか", "{word}の中に{letter}がいくつ", "{word}に{letter}が何回出てくる",
 ]
@@ -80,13 +81,15 @@ class SpellingBee(SpellingTask):
         if rng.random() < 0.3:
             template = template.lower()  # people skip the shift key
         letter_quote, word_quote = rng.choice(QUOTES), rng.choice(QUOTES)
-        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
+        question = template.format(letter=f"{letter_quote}{letter}{letter_quote}",
+                                   word=f"{word_quote}{word}{word_quote}")
         if rng.random() < 0.5:
             question += "?"
 
         # the worked answer: spell, count with a running tally, then check with python
         count = word.count(letter)
-        lines = [f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first.",
+        lines = [f"We are asked to find the number '{letter}' in the word '{word}'. "
+                 "Let me try a manual approach first.",
                  "", "First spell the word out:", f"{word}:{','.join(word)}", "",
                  f"Then count the occurrences of '{letter}':"]
         running = 0

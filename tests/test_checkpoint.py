@@ -163,7 +163,8 @@ def test_a_save_killed_between_writes_leaves_the_previous_step_latest(tmp_path, 
     import multiprocessing as mp
     folder = str(tmp_path / "d1")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=save_killed_midway, args=(rank, str(tmp_path / "init"), folder, kill_point)) for rank in range(2)]
+    procs = [ctx.Process(target=save_killed_midway, args=(rank, str(tmp_path / "init"), folder, kill_point))
+             for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:

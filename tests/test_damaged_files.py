@@ -124,7 +124,8 @@ def tiny_model_data(seed):
 
 def save_step(folder, step):
     model_data, config = tiny_model_data(step)
-    optimizer_data = [{"state": {0: {"exp_avg": torch.randn(64, 64)}}, "param_groups": [{"lr": 0.1, "betas": (0.8, 0.95)}]}]
+    optimizer_data = [{"state": {0: {"exp_avg": torch.randn(64, 64)}},
+                       "param_groups": [{"lr": 0.1, "betas": (0.8, 0.95)}]}]
     meta = {"step": step, "model_config": config, "loop_state": {"min_val_bpb": float("inf")}}
     save_checkpoint(str(folder), step, model_data, optimizer_data, meta)
     return model_data

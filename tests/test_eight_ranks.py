@@ -61,7 +61,8 @@ def worker(rank, store_path, out_path):
         muon.ns_dtype = torch.float32
         adamw = DistAdamW([dict(params=adamw_params)], **ADAMW_KWARGS)
         final = run_steps(muon, muon_params, adamw, adamw_params,
-                          lambda step: (rank_gradients(MUON_SHAPES, step, rank), rank_gradients(ADAMW_SHAPES, step, rank)))
+                          lambda step: (rank_gradients(MUON_SHAPES, step, rank),
+                                        rank_gradients(ADAMW_SHAPES, step, rank)))
         # the state each rank keeps: momentum only for the matrices it owns
         owned = sum(1 for p in muon_params if "momentum_buffer" in muon.state[p])
         gathered = [None] * WORLD_SIZE
@@ -82,7 +83,8 @@ def test_dist_optimizers_at_eight_ranks_match_one_process(tmp_path):
     out_path = str(tmp_path / "out.pt")
     mp.spawn(worker, args=(str(tmp_path / "store"), out_path), nprocs=WORLD_SIZE, join=True)
     results = torch.load(out_path, weights_only=True)
-    assert results["owned"] == [4, 3, 3, 2, 1, 0, 0, 0]  # rank 0: 1 + 2 + the lone (24, 24); rank 4: 1 of the 9; ranks 5..7: none
+    # rank 0: 1 + 2 + the lone (24, 24); rank 4: 1 of the 9; ranks 5..7: none
+    assert results["owned"] == [4, 3, 3, 2, 1, 0, 0, 0]
 
     muon_params, adamw_params = initial_params(MUON_SHAPES, 0), initial_params(ADAMW_SHAPES, 1)
     muon = Muon(muon_params, lr=0.05, momentum=0.9)

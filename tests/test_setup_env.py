@@ -27,7 +27,10 @@ def run_setup_function(tmp_path, call, env=None):
 
 
 def fake_python_without_venv(tmp_path):
-    """A python3 like a stock Debian image's: no ensurepip (venv fails, leaving a folder), no virtualenv, pip offline."""
+    """
+    A python3 like a stock Debian image's: no ensurepip (venv fails, leaving a folder), no virtualenv,
+    pip offline.
+    """
     folder = tmp_path / "bin"
     folder.mkdir(exist_ok=True)
     write_tool(folder, "python3", f"""
@@ -44,7 +47,8 @@ def test_without_python3_venv_uv_makes_the_venv(tmp_path):
     result = run_setup_function(tmp_path, f'make_venv python3 "{tmp_path}/venv"')
     assert result.returncode == 0, result.stderr
     assert "creating .venv with uv instead" in result.stdout
-    assert (tmp_path / "uv_args").read_text().split() == ["venv", "--quiet", "--seed", "--python", "python3", f"{tmp_path}/venv"]
+    assert (tmp_path / "uv_args").read_text().split() == ["venv", "--quiet", "--seed", "--python", "python3",
+                                                          f"{tmp_path}/venv"]
 
 
 def test_without_any_way_to_make_a_venv_one_line_says_what_to_install(tmp_path):
@@ -72,9 +76,12 @@ def test_gpu_gets_the_pinned_torch_with_the_cuda_build_its_driver_supports(tmp_p
     result = run_setup_function(tmp_path, "install_torch echo pip")
     assert result.returncode == 0, result.stderr
     assert "driver 570.86.15, CUDA up to 12.8" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "pip install --quiet torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
-    result = run_setup_function(tmp_path, "install_torch echo pip", env={"NANOCHAT_TORCH_CUDA": "cu126", "NANOCHAT_TORCH_VERSION": "2.10.0"})
-    assert result.stdout.strip().splitlines()[-1] == "pip install --quiet torch==2.10.0 --index-url https://download.pytorch.org/whl/cu126"
+    assert result.stdout.strip().splitlines()[-1] == \
+        "pip install --quiet torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
+    result = run_setup_function(tmp_path, "install_torch echo pip",
+                                env={"NANOCHAT_TORCH_CUDA": "cu126", "NANOCHAT_TORCH_VERSION": "2.10.0"})
+    assert result.stdout.strip().splitlines()[-1] == \
+        "pip install --quiet torch==2.10.0 --index-url https://download.pytorch.org/whl/cu126"
 
 
 def test_a_driver_too_old_for_any_build_is_named(tmp_path):
@@ -91,7 +98,8 @@ def test_cpu_linux_uses_the_cpu_index_when_reachable_else_the_default(tmp_path, 
     result = run_setup_function(tmp_path, call, env={"NANOCHAT_TORCH_INDEX": file_server.url})
     assert result.returncode == 0, result.stderr
     assert f"the CPU build from {file_server.url}/cpu" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == f"pip install --quiet torch==2.13.0 --index-url {file_server.url}/cpu"
+    assert result.stdout.strip().splitlines()[-1] == \
+        f"pip install --quiet torch==2.13.0 --index-url {file_server.url}/cpu"
     result = run_setup_function(tmp_path, call, env={"NANOCHAT_TORCH_INDEX": "http://127.0.0.1:9"})
     assert "is unreachable: the default index" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "pip install --quiet torch==2.13.0"
@@ -101,4 +109,5 @@ def test_torch_that_cannot_see_the_gpu_is_an_error_naming_driver_and_wheel(tmp_p
     fake_gpu(tmp_path, "535.104.05", "12.2")
     result = run_setup_function(tmp_path, f"check_torch {sys.executable}")  # this machine's torch: CPU-only
     assert result.returncode == 1
-    assert "driver 535.104.05" in result.stderr and "torch 2." in result.stderr and "NANOCHAT_TORCH_CUDA" in result.stderr
+    assert "driver 535.104.05" in result.stderr and "torch 2." in result.stderr
+    assert "NANOCHAT_TORCH_CUDA" in result.stderr

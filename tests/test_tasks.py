@@ -28,7 +28,8 @@ WORDS = ["apple", "strawberry", "river", "banana", "kayak", "letter", "mississip
 
 def arc_rows(n):
     return [{"id": f"q{i}", "question": f"Question {i}?",
-             "choices": {"text": [f"w{i}", f"x{i}", f"y{i}", f"z{i}"], "label": ["A", "B", "C", "D"] if i % 3 else ["1", "2", "3", "4"]},
+             "choices": {"text": [f"w{i}", f"x{i}", f"y{i}", f"z{i}"],
+                         "label": ["A", "B", "C", "D"] if i % 3 else ["1", "2", "3", "4"]},
              "answerKey": ("ABCD" if i % 3 else "1234")[i % 4]} for i in range(n)]
 
 
@@ -62,10 +63,12 @@ def hub(file_server, base_dir, monkeypatch):
     write_split(root, "cais/mmlu", "all", "test", [mmlu_row(i) for i in range(20)])
     write_split(root, "cais/mmlu", "auxiliary_train", "train", [{"train": mmlu_row(i)} for i in range(12)])
     write_split(root, "openai/gsm8k", "main", "train", [gsm_row(i) for i in range(0, 10)])
-    write_split(root, "openai/gsm8k", "main", "train", [gsm_row(i) for i in range(10, 25)], shard=1)  # a split in two shards
+    # a split in two shards
+    write_split(root, "openai/gsm8k", "main", "train", [gsm_row(i) for i in range(10, 25)], shard=1)
     write_split(root, "HuggingFaceTB/smol-smoltalk", "default", "train", [smoltalk_row(i) for i in range(16)])
     write_split(root, "openai/openai_humaneval", "openai_humaneval", "test", [
-        {"task_id": "HumanEval/0", "prompt": 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n',
+        {"task_id": "HumanEval/0",
+         "prompt": 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n',
          "canonical_solution": "    return sum(xs)\n", "entry_point": "total",
          "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n    assert candidate([]) == 0\n"},
         {"task_id": "HumanEval/1", "prompt": 'import math\n\ndef root(x):\n    """Square root."""\n',
@@ -76,7 +79,9 @@ def hub(file_server, base_dir, monkeypatch):
         f.write("\n".join(WORDS) + "\n")
     with open(os.path.join(root, "identity.jsonl"), "w") as f:
         for i in range(5):
-            f.write(json.dumps([{"role": "user", "content": f"who are you {i}"}, {"role": "assistant", "content": "nanochat"}]) + "\n")
+            conversation = [{"role": "user", "content": f"who are you {i}"},
+                            {"role": "assistant", "content": "nanochat"}]
+            f.write(json.dumps(conversation) + "\n")
     monkeypatch.setenv("NANOCHAT_TASKS_URL", file_server.url)
     monkeypatch.setenv("NANOCHAT_WORDS_URL", f"{file_server.url}/words.txt")
     monkeypatch.setenv("NANOCHAT_IDENTITY_URL", f"{file_server.url}/identity.jsonl")
@@ -86,7 +91,8 @@ def hub(file_server, base_dir, monkeypatch):
 def make_all():
     return {
         "arc": ARC("ARC-Easy", "train"), "mmlu": MMLU("all", "test"), "aux": MMLU("auxiliary_train", "train"),
-        "gsm8k": GSM8K("main", "train"), "smoltalk": SmolTalk("train"), "identity": CustomJSON(identity_conversations_path()),
+        "gsm8k": GSM8K("main", "train"), "smoltalk": SmolTalk("train"),
+        "identity": CustomJSON(identity_conversations_path()),
         "bee": SpellingBee(size=20), "spell": SimpleSpelling(size=20, split="test"),
     }
 
@@ -105,21 +111,26 @@ def test_downloaded_once_and_same_examples_after_reload(hub, base_dir):
 
 
 def test_row_order_is_the_seed_42_shuffle_of_the_hub_order(hub):
-    # datasets' shuffle(seed=42) takes np.random.default_rng(42).permutation: pinned here so index i stays the reference's
+    # datasets' shuffle(seed=42) takes np.random.default_rng(42).permutation: pinned here so index i stays the
+    # reference's
     task = ARC("ARC-Easy", "train")
     permutation = np.random.default_rng(42).permutation(30)
     rows = arc_rows(30)
     assert [task[i]["messages"][0]["content"] for i in range(30)] == \
-           [render_mc(rows[j]["question"], rows[j]["choices"]["label"], rows[j]["choices"]["text"]) for j in permutation]
-    assert sorted(int(GSM8K("main", "train")[i]["messages"][0]["content"].split()[2]) for i in range(25)) == list(range(25))
+           [render_mc(rows[j]["question"], rows[j]["choices"]["label"], rows[j]["choices"]["text"])
+            for j in permutation]
+    gsm8k = GSM8K("main", "train")
+    assert sorted(int(gsm8k[i]["messages"][0]["content"].split()[2]) for i in range(25)) == list(range(25))
 
 
 def test_conversations_have_the_reference_shape(hub):
     tasks = make_all()
     arc = tasks["arc"][0]
-    assert arc["messages"][1]["content"] in arc["letters"] and arc["messages"][0]["content"].startswith("Multiple Choice question: ")
+    assert arc["messages"][1]["content"] in arc["letters"]
+    assert arc["messages"][0]["content"].startswith("Multiple Choice question: ")
     aux = tasks["aux"][3]
-    assert aux["letters"] == ("A", "B", "C", "D") and aux["messages"][1]["content"] in "ABCD" and aux["subject"] == "anatomy"
+    assert aux["letters"] == ("A", "B", "C", "D") and aux["messages"][1]["content"] in "ABCD"
+    assert aux["subject"] == "anatomy"
     gsm = tasks["gsm8k"][0]["messages"][1]["content"]
     assert [part["type"] for part in gsm] == ["text", "python", "python_output", "text"]
     with_system = [tasks["smoltalk"][i] for i in range(16) if tasks["smoltalk"][i]["messages"][0]["role"] == "system"]
@@ -130,7 +141,8 @@ def test_conversations_have_the_reference_shape(hub):
     word, letters = tasks["spell"][0]["messages"][1]["content"].split(":")
     assert word in WORDS and letters.split(",") == list(word)
     # every example renders, and the assistant has something to learn
-    tok = RustBPETokenizer.train_from_iterator(iter(["Multiple Choice question apples spell count " * 50]), vocab_size=256 + 9 + 16)
+    tok = RustBPETokenizer.train_from_iterator(iter(["Multiple Choice question apples spell count " * 50]),
+                                               vocab_size=256 + 9 + 16)
     for task in tasks.values():
         for i in range(len(task)):
             ids, mask = tok.render_conversation(task[i])
@@ -157,7 +169,8 @@ def test_slicing_and_indexing():
 
     mixture = TaskMixture([Numbers(stop=3), Numbers(stop=5), Numbers(stop=3)])
     order = [mixture[i] for i in range(len(mixture))]
-    assert order == [TaskMixture([Numbers(stop=3), Numbers(stop=5), Numbers(stop=3)])[i] for i in range(11)]  # deterministic
+    again = TaskMixture([Numbers(stop=3), Numbers(stop=5), Numbers(stop=3)])
+    assert order == [again[i] for i in range(11)]  # deterministic
     assert sorted(order) == sorted([0, 1, 2] * 2 + [0, 1, 2, 3, 4]) and order != sorted(order)
     pairs = [(0, 0), (0, 1), (0, 2)] + [(1, i) for i in range(5)] + [(2, 0), (2, 1), (2, 2)]
     random.Random(42).shuffle(pairs)  # the reference's mixing order, so mixture index i is the reference's
@@ -191,7 +204,8 @@ def test_evaluate_correct_and_incorrect(hub):
     assert tasks["gsm8k"].evaluate(gsm, f"#### {int(truth) + 1}") == 0 and tasks["gsm8k"].evaluate(gsm, truth) == 0
     bee = tasks["bee"][4]
     count = bee["messages"][1]["content"][3]["text"]
-    assert tasks["bee"].evaluate(bee, f"#### {count}") == 1 and tasks["bee"].evaluate(bee, f"#### {int(count) + 1}") == 0
+    assert tasks["bee"].evaluate(bee, f"#### {count}") == 1
+    assert tasks["bee"].evaluate(bee, f"#### {int(count) + 1}") == 0
     spell = tasks["spell"][2]
     assert tasks["spell"].evaluate(spell, spell["messages"][1]["content"] + "\n") == 1
     assert tasks["spell"].evaluate(spell, "a:a") == 0
@@ -243,4 +257,5 @@ def test_humaneval_runs_completions_against_the_tests(hub):
         body = "\n".join(line for line in canonical.splitlines() if not line.startswith(("import ", "from ")))
         assert task.evaluate(conversation, f"Here you go:\n```python\n{body}\n```\nDone.")
         assert not task.evaluate(conversation, canonical.replace("return", "return -1 + "))
-    assert extract_program("x = 1") == "x = 1" and extract_imports("import a\nfrom b import c\n\ndef f(): pass") == "import a\nfrom b import c"
+    assert extract_program("x = 1") == "x = 1"
+    assert extract_imports("import a\nfrom b import c\n\ndef f(): pass") == "import a\nfrom b import c"
