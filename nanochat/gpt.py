@@ -56,36 +56,50 @@ def apply_rotary_emb(x, cos, sin):
 # are computed in the forward pass too (the loss is linear in each token's loss, so backward only
 # scales them): no logits are recomputed, the matmul work is that of the plain path.
 
-LOSS_CHUNK_LOGITS = 2 ** 21  # logits per chunk (rows x vocab), at least: 8 MB in fp32, sized by measurement
-LOSS_MAX_CHUNKS = 16  # torch.compile unrolls the loop over chunks: keep the graph small at large batches
+# Chunk size: at least LOSS_CHUNK_LOGITS logits (rows x vocab; 8 MB in fp32) and LOSS_MIN_ROWS rows,
+# since each chunk also adds its (vocab x n_embd) share to the lm_head gradient: with few rows that
+# accumulation, not the matmuls, would set the pace. On GPUs larger chunks keep the kernels big.
+# torch.compile unrolls the loop over chunks, so there the number of chunks is capped.
+LOSS_CHUNK_LOGITS = 2 ** 21
+LOSS_CHUNK_LOGITS_CUDA = 2 ** 27
+LOSS_MIN_ROWS = 256
+LOSS_MAX_CHUNKS_COMPILED = 16
 
 
-def _loss_chunks(num_rows, vocab_size):
-    rows = max(LOSS_CHUNK_LOGITS // vocab_size, -(-num_rows // LOSS_MAX_CHUNKS), 1)
+def _loss_chunks(num_rows, vocab_size, device):
+    rows = max((LOSS_CHUNK_LOGITS_CUDA if device.type == "cuda" else LOSS_CHUNK_LOGITS) // vocab_size, LOSS_MIN_ROWS)
+    if torch.compiler.is_compiling():
+        rows = max(rows, -(-num_rows // LOSS_MAX_CHUNKS_COMPILED))
     return [(start, min(start + rows, num_rows)) for start in range(0, num_rows, rows)]
 
 
-def _softcap_ce_chunk(x, weight, targets, softcap, grad_scale=None):
+def _softcap_ce_chunk(x, weight, targets, softcap, grad_scale=None, grad_weight=None):
     """
     Cross-entropy per row of x (n, C) against targets (n,) (-1 = ignored, loss 0), of the logits
     softcap * tanh(x @ weight.T / softcap), computed in fp32 (or fp64) from the matmul in x's dtype.
-    With grad_scale (a scalar or (n,) tensor), also the gradients of sum(grad_scale * loss) with
-    respect to x and weight, in that same precision.
+    With grad_scale (a scalar or (n,) tensor), also the gradient of sum(grad_scale * loss) with respect
+    to x, in that same precision, and that with respect to weight is added to grad_weight (V, C).
+    In-place ops: eager mode makes fewer passes over the chunk.
     """
     precision = torch.promote_types(x.dtype, torch.float32)
-    capped = softcap * torch.tanh((x @ weight.t()).to(precision) / softcap)  # (n, V)
+    capped = (x @ weight.t()).to(precision).div_(softcap).tanh_().mul_(softcap)  # (n, V)
     logsumexp = torch.logsumexp(capped, dim=-1)
     valid = targets >= 0
     safe_targets = torch.where(valid, targets, 0)[:, None]  # ignored rows read logit 0, then get loss 0
     loss = torch.where(valid, logsumexp - capped.gather(1, safe_targets).squeeze(1), 0.0)
     if grad_scale is None:
-        return loss, None, None
+        return loss, None
     # d loss / d capped = softmax - one_hot(target); through the cap, d capped / d logits = 1 - tanh^2
-    one_hot = torch.zeros_like(capped).scatter_(1, safe_targets, 1.0)
-    row_scale = torch.where(valid, grad_scale, 0.0)[:, None]
-    grad_logits = (torch.exp(capped - logsumexp[:, None]) - one_hot) * row_scale * (1 - (capped / softcap) ** 2)
+    grad_logits = torch.sub(capped, logsumexp[:, None]).exp_()
+    grad_logits.scatter_add_(1, safe_targets, torch.full(safe_targets.shape, -1.0, dtype=precision, device=x.device))
+    tanh_slope = capped.div_(softcap).square_().neg_().add_(1)  # capped is not needed any more
+    grad_logits.mul_(tanh_slope).mul_(torch.where(valid, grad_scale, 0.0)[:, None])
     grad_logits = grad_logits.to(x.dtype)
-    return loss, (grad_logits @ weight).to(precision), (grad_logits.t() @ x).to(precision)
+    if grad_weight.dtype == x.dtype:
+        grad_weight.addmm_(grad_logits.t(), x)
+    else:  # bf16 matmul, fp32 sum over the chunks
+        grad_weight += grad_logits.t() @ x
+    return loss, (grad_logits @ weight).to(precision)
 
 
 class _SoftcapCrossEntropy(torch.autograd.Function):
@@ -94,7 +108,7 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, reduction):
         ctx.reduction, ctx.softcap, ctx.dtype = reduction, softcap, x.dtype
-        chunks = _loss_chunks(x.size(0), weight.size(0))
+        chunks = _loss_chunks(x.size(0), weight.size(0), x.device)
         if reduction == "none":  # per-token gradients do not factor out: recompute in backward
             losses = [_softcap_ce_chunk(x[a:b], weight, targets[a:b], softcap)[0] for a, b in chunks]
             ctx.save_for_backward(x, weight, targets)
@@ -108,10 +122,8 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty(x.shape, dtype=precision, device=x.device)
         grad_weight = torch.zeros(weight.shape, dtype=precision, device=x.device)
         for a, b in chunks:
-            loss, chunk_grad_x, chunk_grad_weight = _softcap_ce_chunk(x[a:b], weight, targets[a:b], softcap, grad_scale)
+            loss, grad_x[a:b] = _softcap_ce_chunk(x[a:b], weight, targets[a:b], softcap, grad_scale, grad_weight)
             total = total + loss.sum()
-            grad_x[a:b] = chunk_grad_x
-            grad_weight += chunk_grad_weight
         ctx.save_for_backward(grad_x, grad_weight)
         return total * grad_scale
 
@@ -121,9 +133,8 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
             x, weight, targets = ctx.saved_tensors
             grad_x = torch.empty(x.shape, dtype=grad_output.dtype, device=x.device)
             grad_weight = torch.zeros(weight.shape, dtype=grad_output.dtype, device=x.device)
-            for a, b in _loss_chunks(x.size(0), weight.size(0)):
-                _, grad_x[a:b], chunk_grad_weight = _softcap_ce_chunk(x[a:b], weight, targets[a:b], ctx.softcap, grad_output[a:b])
-                grad_weight += chunk_grad_weight
+            for a, b in _loss_chunks(x.size(0), weight.size(0), x.device):
+                _, grad_x[a:b] = _softcap_ce_chunk(x[a:b], weight, targets[a:b], ctx.softcap, grad_output[a:b], grad_weight)
         else:
             grad_x, grad_weight = ctx.saved_tensors
             grad_x, grad_weight = grad_x * grad_output, grad_weight * grad_output
@@ -145,7 +156,7 @@ def softcap_cross_entropy(x, weight, targets, softcap, reduction="mean"):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _SoftcapCrossEntropy.apply(x, weight, targets, softcap, reduction)
         losses = torch.cat([_softcap_ce_chunk(x[a:b], weight, targets[a:b], softcap)[0]
-                            for a, b in _loss_chunks(x.size(0), weight.size(0))])
+                            for a, b in _loss_chunks(x.size(0), weight.size(0), x.device)])
         if reduction == "none":
             return losses
         return losses.sum() / (targets >= 0).sum() if reduction == "mean" else losses.sum()
