@@ -95,11 +95,21 @@ def _softcap_ce_chunk(x, weight, targets, softcap, grad_scale=None, grad_weight=
     tanh_slope = capped.div_(softcap).square_().neg_().add_(1)  # capped is not needed any more
     grad_logits.mul_(tanh_slope).mul_(torch.where(valid, grad_scale, 0.0)[:, None])
     grad_logits = grad_logits.to(x.dtype)
-    if grad_weight.dtype == x.dtype:
-        grad_weight.addmm_(grad_logits.t(), x)
-    else:  # bf16 matmul, fp32 sum over the chunks
-        grad_weight += grad_logits.t() @ x
+    _add_matmul_(grad_weight, grad_logits.t(), x)
     return loss, (grad_logits @ weight).to(precision)
+
+
+@torch.library.custom_op("nanochat::add_matmul_", mutates_args=("out",))
+def _add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """
+    out += a @ b, the product in a's dtype (bf16 under autocast), the sum in out's (fp32). An opaque op,
+    so that torch.compile adds each chunk's share of the lm_head gradient as soon as it exists: as plain
+    ops, it fused the additions into one kernel at the end and kept every chunk's share alive till then.
+    """
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a @ b)
 
 
 class _SoftcapCrossEntropy(torch.autograd.Function):
