@@ -93,6 +93,24 @@ def test_real_gpt_with_uniform_logits_matches_closed_form():
     assert evaluate_bpb(model, batches, 2, token_bytes) == pytest.approx(expected, rel=1e-6)
 
 
+def test_real_gpt_matches_the_loss_of_its_full_logits(monkeypatch):
+    """The GPT's chunked per-token loss gives the bpb of F.cross_entropy over its full logits."""
+    import nanochat.gpt
+    monkeypatch.setattr(nanochat.gpt, "LOSS_MIN_ROWS", 5)  # several chunks per batch
+    monkeypatch.setattr(nanochat.gpt, "LOSS_CHUNK_LOGITS", 1)
+    token_bytes = make_token_bytes()
+    batches = make_batches(3)
+    model = tiny_gpt(uniform=False)
+    nats, num_bytes = 0.0, 0
+    with torch.no_grad():
+        for x, y, _ in batches:
+            losses = F.cross_entropy(model(x).view(-1, V), y.view(-1), ignore_index=-1, reduction="none")
+            counted = (y.view(-1) >= 0) & (token_bytes[y.view(-1).clamp(min=0)] > 0)
+            nats += losses[counted].sum().item()
+            num_bytes += int(token_bytes[y.view(-1)[counted]].sum())
+    assert evaluate_bpb(model, batches, 3, token_bytes) == pytest.approx(nats / (math.log(2) * num_bytes), rel=1e-5)
+
+
 def test_excluded_targets_do_not_change_bpb():
     """Turning a counted target into an ignored or special one removes exactly its nats and bytes."""
     token_bytes = make_token_bytes()
