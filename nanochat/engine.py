@@ -70,13 +70,20 @@ class KVCache:
         """Copy the host-side position to the device before static steps (they then advance both)."""
         self.pos_tensor.fill_(self.pos)
 
+    def make_static(self):
+        """Switch to addressing by the position tensor (see the class docstring), for the rest of the generation."""
+        # Unwritten positions get an attention weight of exactly 0, but 0 times uninitialised memory can be NaN
+        for layer in range(self.num_layers):
+            self.k[layer][:, :, self.pos:].zero_()
+            self.v[layer][:, :, self.pos:].zero_()
+        self.static = True
+        self.sync_pos_tensor()
+
     def _allocate(self, dtype, device, keep=0):
         old_k, old_v = self.k, self.v
         shape = (self.batch_size, self.num_heads, self.seq_len, self.head_dim)
-        # zeros, not empty: the decode step gives unwritten positions an attention weight of exactly 0,
-        # and 0 times uninitialised memory can be NaN
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         for layer in range(self.num_layers if keep else 0):
             self.k[layer][:, :, :keep] = old_k[layer][:, :, :keep]  # broadcasts a batch-1 source over the rows
             self.v[layer][:, :, :keep] = old_v[layer][:, :, :keep]
@@ -183,9 +190,22 @@ class _Row:
 
 
 def can_pack_weights(device, dtype):
-    """oneDNN's prepacked matmul: on CPU, in bf16 (measured ~3x faster than fp32 for one token per row)."""
+    """oneDNN's prepacked matmul: on CPU, in bf16 (plain bf16 matmuls of one row are slow there, see hardware.py)."""
     return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def prepare_weight(weight, dtype, pack):
+    """weight (out, in) cast to dtype, and with pack=True reordered once into oneDNN's blocked layout."""
+    weight = weight.detach().to(dtype)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight
+
+
+def linear(x, weight, dtype, pack):
+    """x @ weight.T in dtype, for a weight from prepare_weight (prepacked: the same result as F.linear in bf16)."""
+    if pack:
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, None, "none", [None], "")
+    return F.linear(x.to(dtype), weight)
 
 
 class DecodeWeights:
@@ -207,8 +227,7 @@ class DecodeWeights:
         self.dtype, self.pack = dtype, pack
 
         def prepare(weight):
-            weight = weight.detach().to(dtype)
-            return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight
+            return prepare_weight(weight, dtype, pack)
 
         self.wte = model.transformer.wte.weight  # looked up, not multiplied: used as it is
         self.layers = []
@@ -223,9 +242,7 @@ class DecodeWeights:
         self.sin = torch.cat([sin, -sin], dim=-1)
 
     def linear(self, x, weight):
-        if self.pack:
-            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), weight, None, "none", [None], "")
-        return F.linear(x.to(self.dtype), weight)
+        return linear(x, weight, self.dtype, self.pack)
 
 
 def decode_forward(w, cache, ids):
@@ -287,9 +304,8 @@ class DecodeStep:
         self.weights, self.cache, self.mode = weights, cache, mode
         self.forward = compiled_decode_forward() if mode == "compile" else decode_forward
         self.first_call = True
-        cache.static = mode != "eager"
-        if cache.static:
-            cache.sync_pos_tensor()
+        if mode != "eager":
+            cache.make_static()
 
     def __call__(self, ids):
         """ids (B, 1) on the model's device -> fp32 logits (B, V) for the next position."""
@@ -364,6 +380,12 @@ class Engine:
             self._weights, self._weights_key = DecodeWeights(self.model, dtype, pack), key
         return self._weights
 
+    def _decode_step(self, cache, dtype, mode):
+        if not hasattr(self.model, "transformer"):  # not our GPT, but following the KVCache protocol: its own forward
+            return lambda ids: self.model(ids, kv_cache=cache)[:, -1, :]
+        pack = mode == "eager" and can_pack_weights(cache.pos_tensor.device, dtype)
+        return DecodeStep(self.decode_weights(dtype, pack), cache, mode)
+
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """
@@ -386,6 +408,10 @@ class Engine:
         if dtype is None:
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight_dtype
         mode = self.decode_mode or ("cuda_graph" if device.type == "cuda" else "eager")
+        embedding = getattr(getattr(self.model, "transformer", None), "wte", None)
+        if embedding is not None and dtype == weight_dtype != embedding.weight.dtype:
+            raise ValueError(f"the model keeps its embedding in {embedding.weight.dtype} (as on CUDA), so its forward runs only "
+                             f"under autocast: decode in that dtype (Engine(..., dtype={embedding.weight.dtype}))")
 
         special = self.tokenizer.encode_special
         python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -413,16 +439,13 @@ class Engine:
             cache = KVCache(num_samples, seq_len=capacity, **kv_shape)
             cache.prefill(prefill_cache)
         del prefill_cache
-        if hasattr(self.model, "transformer"):  # our GPT: the decode-specialised forward
-            weights = self.decode_weights(dtype, pack=mode == "eager" and can_pack_weights(device, dtype))
-            step = DecodeStep(weights, cache, mode)
-        else:  # any other model that follows the KVCache protocol: its own forward
-            step = lambda ids: self.model(ids, kv_cache=cache)[:, -1, :]  # noqa: E731
 
         # 3) decode
         rows = [_Row() for _ in range(num_samples)]
+        step = None  # made after the first token is out, so it does not delay it
         for i in range(max_tokens):
             if i > 0:
+                step = step or self._decode_step(cache, dtype, mode)
                 logits = step(ids)  # (num_samples, V)
             sampled = sample_next_token(logits, generator, temperature, top_k)[:, 0].tolist()
 

@@ -119,8 +119,10 @@ def test_kv_cache_static_position_matches_slices():
     prompt_k, prompt_v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
     for cache in (sliced, static):
         _attend_all_layers(cache, prompt_k, prompt_v)
-    static.static = True
-    static.sync_pos_tensor()
+    for layer in range(2):  # whatever the unwritten memory holds (here NaN), the static form must not see it
+        static.k[layer][:, :, 5:] = float("nan")
+        static.v[layer][:, :, 5:] = float("nan")
+    static.make_static()
     cos = torch.randn(1, 16, 1, 4)
     for _ in range(4):
         k, v, q = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
@@ -249,8 +251,7 @@ def test_static_decode_form_matches_slices(model_and_tokenizer):
     with torch.no_grad():
         for cache in caches:
             model(prompt, kv_cache=cache)
-        caches[1].static = True
-        caches[1].sync_pos_tensor()
+        caches[1].make_static()
         ids = prompt[:, -1:]
         for _ in range(10):
             sliced = decode_forward(weights, caches[0], ids)
