@@ -19,6 +19,7 @@ import glob
 import importlib.util
 import math
 import os
+import statistics
 import sys
 import time
 import types
@@ -43,7 +44,7 @@ batch_sizes = "1,8"  # samples decoded together, comma separated
 max_tokens = 128  # new tokens per sample in the throughput runs
 prompt_len = 16  # prompt tokens in the throughput runs
 ttft_prompt_len = 500  # prompt tokens of the time-to-first-token runs (0 = skip them)
-repeats = 3  # timed rounds; in each, every contender runs once, in turn; the fastest round of each counts
+repeats = 5  # timed rounds; in each, every contender runs once, in turn (tok/s: its fastest round; ratio: median of rounds)
 dtypes = ""  # our Engine's decode dtypes: float32, bfloat16, auto (= hardware.choose_decode_dtype); "" = float32,auto on CPU, auto elsewhere
 modes = ""  # our decode modes, comma separated: eager, compile, cuda_graph ("" = the Engine's default)
 reference = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c) to time as baseline
@@ -161,7 +162,7 @@ def main():
     print(f"Device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
           f", CPU {cpu}, native bf16: {hardware.cpu_has_native_bf16()}, torch threads {torch.get_num_threads()}"))
     print(f"bf16/fp32 decode matmul speed (hardware.bf16_decode_speedup): {hardware.bf16_decode_speedup(device):.2f}x; "
-          f"load average {os.getloadavg()[0]:.1f}; best of {repeats} alternating rounds; baseline: {baseline}")
+          f"load average {os.getloadavg()[0]:.1f}; {repeats} alternating rounds; baseline: {baseline}")
 
     def timed(name, tokens, n, num_tokens, first_only=False):
         sync()
@@ -175,37 +176,41 @@ def main():
         return time.perf_counter() - t0, columns
 
     def race(tokens, n, num_tokens, first_only=False):
-        """Best time and the tokens of each contender, alternating them round after round."""
-        best = {}
+        """Per contender: best time, its tokens, and the median over rounds of baseline time / its time in the
+        same round (contenders alternate round after round, so a burst of load hits a round's contenders alike)."""
+        best, ratios = {}, {name: [] for name in contenders}
         for round_ in range(repeats + 1):  # round 0 warms up (and compiles or captures)
+            times = {}
             for name in contenders:
-                seconds, columns = timed(name, tokens, n, num_tokens, first_only)
+                times[name], columns = timed(name, tokens, n, num_tokens, first_only)
                 if round_ == 0:
-                    warmup[name] = max(warmup.get(name, 0.0), seconds)
-                elif name not in best or seconds < best[name][0]:
-                    best[name] = (seconds, columns)
-        return best
+                    warmup[name] = max(warmup.get(name, 0.0), times[name])
+                elif name not in best or times[name] < best[name][0]:
+                    best[name] = (times[name], columns)
+            for name in contenders if round_ > 0 else ():
+                ratios[name].append(times[baseline] / times[name])
+        return {name: (seconds, columns, statistics.median(ratios[name])) for name, (seconds, columns) in best.items()}
 
     warmup = {}
     print(f"\nThroughput: prompt {prompt_len} tokens, {max_tokens} new tokens per sample, greedy")
-    print(f"{'contender':<26} {'batch':>5} {'tok/s':>9} {'vs baseline':>11}  same tokens as baseline")
+    print(f"{'contender':<30} {'batch':>5} {'tok/s':>9} {'vs baseline':>11}  same tokens as baseline")
     for n in [int(b) for b in batch_sizes.split(",") if b.strip()]:
         best = race(prompt, n, max_tokens)
-        base_seconds, base_columns = best[baseline]
+        base_columns = best[baseline][1]
         same_as = None
         if baseline in fp32_contenders and n == 1:  # no reference: check the baseline against the naive generate
             naive = list(model.generate(prompt, max_tokens=min(max_tokens, 32), temperature=0.0))
             same_as = [c[0] for c in base_columns[:len(naive)]] == naive
-        for name, (seconds, columns) in best.items():
+        for name, (seconds, columns, ratio) in best.items():
             same = "(itself" + (f"; naive full forward: {same_as})" if same_as is not None else ")") if name == baseline \
                 else columns == base_columns
-            print(f"{name:<26} {n:>5} {n * len(columns) / seconds:>9.0f} {base_seconds / seconds:>10.2f}x  {same}")
+            print(f"{name:<30} {n:>5} {n * len(columns) / seconds:>9.0f} {ratio:>10.2f}x  {same}")
 
     if ttft_prompt_len > 0:
         print(f"\nTime to first token: prompt {ttft_prompt_len} tokens, batch 1 (one prefill forward, then the first sample)")
         best = race(long_prompt, 1, 1, first_only=True)
-        for name, (seconds, _) in best.items():
-            print(f"{name:<26} {seconds * 1000:>8.1f} ms {best[baseline][0] / seconds:>10.2f}x")
+        for name, (seconds, _, ratio) in best.items():
+            print(f"{name:<30} {seconds * 1000:>8.1f} ms {ratio:>10.2f}x")
     print("\nFirst call (warm-up, includes any compilation or graph capture): "
           + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in warmup.items()))
 

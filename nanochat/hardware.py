@@ -8,7 +8,7 @@ What the hardware is good at, decided by looking and by measuring rather than by
 - newton_schulz_dtype(device), choose_autocast_dtype(device): the precision choices built on that.
 - bf16_decode_speedup(device) / choose_decode_dtype(device): the same for generation (nanochat/engine.py),
   where the matmuls have one row per sample and read more weights than the caches hold: measured with
-  the Engine's own (prepacked) matmuls, bf16 ran 2.4-4x faster than fp32 on a 2-core AMD EPYC.
+  the Engine's own (prepacked) matmuls, bf16 ran 2.9-4.8x faster than fp32 on a 2-core AMD EPYC (avx512_bf16).
 - peak_flops(device): the denominator of MFU; a table of datasheet numbers for known GPUs, a short
   measured matmul peak otherwise (CPU, unknown accelerators).
 """
