@@ -1,36 +1,63 @@
 """
-Decode speed of the Engine (KV cache) against the model's naive generate (full forward per token),
-measured in the same process on a random-init model, for several generation lengths.
+Decode speed of the Engine: tokens/s per batch size and time to first token for a long prompt, for our
+Engine in fp32 and in the dtype hardware.choose_decode_dtype picks, against the reference nanochat's
+Engine (karpathy/nanochat at f37d45c) on the same weights, all timed in one process, alternating, so
+that load from other processes hits every contender alike.
 
-    python -m dev.bench_engine
-    python -m dev.bench_engine --lengths=64,128,256,512 --repeats=1
+    python -m dev.bench_engine --reference=/path/to/reference/nanochat   # or REF_DIR=... in the environment
+    python -m dev.bench_engine --model_tag=d8 --batch_sizes=1,8 --max_tokens=256
+    python -m dev.bench_engine --device_type=cuda                        # ours only (fp32, bf16 with CUDA graphs)
+    python -m dev.bench_engine --modes=eager,compile                     # also time the compiled decode step
 
-The naive generator recomputes the whole prefix for every token (O(T^2) per sequence), the Engine
-only the new token (O(T)), so the speedup should grow with the number of new tokens.
-Both run greedy in fp32 and must produce the same tokens; the script checks that too.
+The model is a base checkpoint from $NANOCHAT_BASE_DIR (the largest, or --model_tag), or a random one
+of --depth when there is none (or with --model_tag=random). Without a reference, ratios are against our
+fp32 Engine and greedy tokens are checked against the model's naive full-forward generate instead.
+Every row reports whether its greedy tokens equal the baseline's; bf16 rows are not expected to.
 """
 
+import glob
+import importlib.util
 import math
+import os
+import statistics
+import sys
 import time
+import types
 
-# Model: depth 4 as in `base_train --depth=4` (width 64 * depth, 128-wide heads)
-depth = 4  # number of Transformer blocks
-n_embd = 256  # model width
-n_head = 2  # attention heads (head_dim = n_embd / n_head)
-vocab_size = 8192  # vocabulary size of the small tokenizer
-sequence_len = 1024  # context length (rotary tables cover 10x this)
-# Benchmark
-lengths = "64,128,256"  # numbers of new tokens to generate, comma separated
-prompt_len = 16  # prompt tokens before generation
-repeats = 3  # timed runs per measurement, alternating naive and engine; the fastest of each counts
-seed = 0  # model init and prompt
+import torch
+
+from nanochat import hardware
+from nanochat.common import autodetect_device_type, get_base_dir
+from nanochat.configurator import configure
+from nanochat.engine import Engine
+from nanochat.gpt import GPTConfig, build_gpt
+
+# -----------------------------------------------------------------------------
+# Settings (--name=value on the command line; --help prints this block)
+
+# Model
+model_tag = ""  # checkpoint folder under base_checkpoints ("" = the largest; "random" = random weights of `depth`)
+step = -1  # checkpoint step (-1 = the last one saved)
+depth = 4  # depth of the random model when there is no checkpoint (width 64 * depth, heads of 128, vocab 8192)
+# What to time
+batch_sizes = "1,8"  # samples decoded together, comma separated
+max_tokens = 128  # new tokens per sample in the throughput runs
+prompt_len = 16  # prompt tokens in the throughput runs
+ttft_prompt_len = 500  # prompt tokens of the time-to-first-token runs (0 = skip them)
+repeats = 5  # timed rounds; in each, every contender runs once, in turn (tok/s: its fastest round; ratio: median of rounds)
+dtypes = ""  # our Engine's decode dtypes: float32, bfloat16, auto (= hardware.choose_decode_dtype); "" = float32,auto on CPU, auto elsewhere
+modes = ""  # our decode modes, comma separated: eager, compile, cuda_graph ("" = the Engine's default)
+reference = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c) to time as baseline
 # Runtime
-device_type = "cpu"  # cpu|cuda|mps
+device_type = ""  # cuda|cpu|mps (empty = autodetect)
 threads = 0  # torch CPU threads (0 = torch's default)
+seed = 0  # random model and prompts
+configure(globals(), __file__)
+# -----------------------------------------------------------------------------
 
 
-class _NoTokenizer:
-    """The Engine needs special-token ids for tool use and stopping; ids outside the vocab never occur."""
+class NoTokenizer:
+    """For a random model: the Engine needs special-token ids for tool use and stopping; -1 never occurs."""
 
     def encode_special(self, name):
         return -1
@@ -39,66 +66,153 @@ class _NoTokenizer:
         return -1
 
 
-def main():
-    from nanochat.configurator import configure
-    configure(globals(), __file__)
+def load_reference(ref_dir):
+    """The reference's gpt and engine modules, loaded as ref_*: their `from nanochat.x import` lines are
+    pointed at ref_x, so they run the reference's code next to ours in this process."""
+    if not os.path.isfile(os.path.join(ref_dir, "nanochat", "engine.py")):
+        raise SystemExit(f"--reference={ref_dir!r} is not a checkout of the reference nanochat (no nanochat/engine.py "
+                         "there); pass its path, e.g. a clone of karpathy/nanochat at f37d45c, or leave it empty")
+    sys.modules["ref_checkpoint_manager"] = types.SimpleNamespace(load_model=None)  # only its __main__ uses it
 
-    import torch
-    from nanochat.engine import Engine
-    from nanochat.gpt import GPTConfig, build_gpt
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"ref_{name}", os.path.join(ref_dir, "nanochat", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"ref_{name}"] = module
+        source = open(spec.origin, encoding="utf-8").read()
+        for dep in ("common", "muon", "adamw", "gpt", "checkpoint_manager"):
+            source = source.replace(f"from nanochat.{dep} import", f"from ref_{dep} import")
+        exec(compile(source, spec.origin, "exec"), module.__dict__)
+        return module
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    device = torch.device(device_type)
-    new_token_counts = [int(x) for x in lengths.split(",") if x.strip()]
+    for dep in ("common", "muon", "adamw"):
+        load(dep)
+    return load("gpt"), load("engine")
 
+
+def load_our_model(device):
+    checkpoints = os.path.join(get_base_dir(), "base_checkpoints")
+    if model_tag != "random" and glob.glob(os.path.join(checkpoints, "*", "model_*.pt")):
+        from nanochat.checkpoint_manager import load_model
+        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
+                                            step=None if step < 0 else step)
+        return model, tokenizer, f"checkpoint {meta.get('model_tag', model_tag) or ''} step {meta['step']}".strip()
     torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+    n_embd = 64 * depth
+    n_head = max(1, -(-n_embd // 128))
+    config = GPTConfig(sequence_len=1024, vocab_size=8192, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
     model = build_gpt(config, device)
-    with torch.no_grad():
-        # init_weights zeroes lm_head and the output projections; randomise them so the logits
-        # depend on the context and the token-equality check below means something
+    with torch.no_grad():  # init zeroes lm_head and the output projections: randomise them so tokens vary
         for p in model.parameters():
             if p.dim() == 2 and not p.any():
                 p.normal_(0.0, 1.0 / math.sqrt(p.size(1)))
-            p.data = p.data.float()
     model.eval()
-    engine = Engine(model, _NoTokenizer())
-    prompt = torch.randint(0, vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return model, NoTokenizer(), f"random weights (no checkpoint in {checkpoints})"
+
+
+def main():
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = torch.device(device_type or autodetect_device_type())
+    model, tokenizer, source = load_our_model(device)
+    config = model.config
+    vocab = config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=generator).tolist()
+    long_prompt = torch.randint(0, vocab, (ttft_prompt_len,), generator=generator).tolist()
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def naive(n):
-        return list(model.generate(prompt, max_tokens=n, temperature=0.0))
+    # Contenders: name -> generate(tokens, num_samples, max_tokens) yielding columns
+    contenders = {}
+    fp32_contenders = []  # ours in fp32: greedy tokens comparable with the naive full forward
+    if reference:
+        ref_gpt, ref_engine = load_reference(reference)
+        with torch.device("meta"):
+            ref_model = ref_gpt.GPT(ref_gpt.GPTConfig(**{k: getattr(config, k) for k in
+                                                        ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}))
+        ref_model.to_empty(device=device)
+        ref_model.init_weights()  # its rotary tables; the weights come next
+        ref_model.load_state_dict(model.state_dict(), strict=True)
+        ref_model.eval()
+        ref = ref_engine.Engine(ref_model, tokenizer)
+        ref_bf16 = device.type == "cuda"  # the reference decodes under bf16 autocast on CUDA, in fp32 elsewhere
 
-    def cached(n):
-        return [column[0] for column, _ in engine.generate(prompt, num_samples=1, max_tokens=n, temperature=0.0)]
+        def run_reference(tokens, n, num_tokens):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ref_bf16):
+                yield from ref.generate(tokens, num_samples=n, max_tokens=num_tokens, temperature=0.0)
 
-    def timed(fn, n):
+        contenders["reference" + (" (bf16 autocast)" if ref_bf16 else " (fp32)")] = run_reference
+    for dtype_name in (dtypes or ("float32,auto" if device.type == "cpu" else "auto")).split(","):
+        dtype = hardware.choose_decode_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)
+        for mode in (modes.split(",") if modes else [None]):
+            engine = Engine(model, tokenizer, dtype=dtype, decode_mode=mode)
+            name = f"ours {str(dtype)[6:]}" + (" (auto)" if dtype_name == "auto" else "") + (f" {mode}" if mode else "")
+            contenders[name] = lambda tokens, n, num_tokens, engine=engine: engine.generate(
+                tokens, num_samples=n, max_tokens=num_tokens, temperature=0.0)
+            if dtype == torch.float32:
+                fp32_contenders.append(name)
+    baseline = next(iter(contenders))
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
+        if os.path.exists("/proc/cpuinfo") else "?"
+    print(f"Model: {source}, depth {config.n_layer}, width {config.n_embd}, vocab {vocab}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+    print(f"Device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+          f", CPU {cpu}, native bf16: {hardware.cpu_has_native_bf16()}, torch threads {torch.get_num_threads()}"))
+    print(f"bf16/fp32 decode matmul speed (hardware.bf16_decode_speedup): {hardware.bf16_decode_speedup(device):.2f}x; "
+          f"load average {os.getloadavg()[0]:.1f}; {repeats} alternating rounds; baseline: {baseline}")
+
+    def timed(name, tokens, n, num_tokens, first_only=False):
         sync()
         t0 = time.perf_counter()
-        out = fn(n)
+        columns = []
+        for column, _ in contenders[name](tokens, n, num_tokens):
+            columns.append(column)
+            if first_only:
+                break
         sync()
-        return time.perf_counter() - t0, out
+        return time.perf_counter() - t0, columns
 
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"Model: depth {depth}, n_embd {n_embd}, n_head {n_head}, vocab {vocab_size}, "
-          f"{n_params / 1e6:.2f}M params, fp32")
-    print(f"Device: {device}, torch threads: {torch.get_num_threads()}, prompt {prompt_len} tokens, best of {repeats}")
-    naive(8), cached(8)  # warm-up: first-call allocations and kernel selection
-    print(f"{'new tokens':>10} | {'naive tok/s':>11} | {'engine tok/s':>12} | {'speedup':>7} | same tokens")
-    for n in new_token_counts:
-        # alternate the two so that a burst of load from other processes hits both alike
-        naive_runs, engine_runs = [], []
-        for _ in range(repeats):
-            naive_runs.append(timed(naive, n))
-            engine_runs.append(timed(cached, n))
-        (t_naive, out_naive), (t_engine, out_engine) = min(naive_runs), min(engine_runs)
-        same = out_naive == out_engine
-        print(f"{n:>10} | {n / t_naive:>11.1f} | {n / t_engine:>12.1f} | {t_naive / t_engine:>6.2f}x | {same}")
+    def race(tokens, n, num_tokens, first_only=False):
+        """Per contender: best time, its tokens, and the median over rounds of baseline time / its time in the
+        same round (contenders alternate round after round, so a burst of load hits a round's contenders alike)."""
+        best, ratios = {}, {name: [] for name in contenders}
+        for round_ in range(repeats + 1):  # round 0 warms up (and compiles or captures)
+            times = {}
+            for name in contenders:
+                times[name], columns = timed(name, tokens, n, num_tokens, first_only)
+                if round_ == 0:
+                    warmup[name] = max(warmup.get(name, 0.0), times[name])
+                elif name not in best or times[name] < best[name][0]:
+                    best[name] = (times[name], columns)
+            for name in contenders if round_ > 0 else ():
+                ratios[name].append(times[baseline] / times[name])
+        return {name: (seconds, columns, statistics.median(ratios[name])) for name, (seconds, columns) in best.items()}
+
+    warmup = {}
+    print(f"\nThroughput: prompt {prompt_len} tokens, {max_tokens} new tokens per sample, greedy")
+    print(f"{'contender':<30} {'batch':>5} {'tok/s':>9} {'vs baseline':>11}  same tokens as baseline")
+    for n in [int(b) for b in batch_sizes.split(",") if b.strip()]:
+        best = race(prompt, n, max_tokens)
+        base_columns = best[baseline][1]
+        same_as = None
+        if baseline in fp32_contenders and n == 1:  # no reference: check the baseline against the naive generate
+            naive = list(model.generate(prompt, max_tokens=min(max_tokens, 32), temperature=0.0))
+            same_as = [c[0] for c in base_columns[:len(naive)]] == naive
+        for name, (seconds, columns, ratio) in best.items():
+            same = "(itself" + (f"; naive full forward: {same_as})" if same_as is not None else ")") if name == baseline \
+                else columns == base_columns
+            print(f"{name:<30} {n:>5} {n * len(columns) / seconds:>9.0f} {ratio:>10.2f}x  {same}")
+
+    if ttft_prompt_len > 0:
+        print(f"\nTime to first token: prompt {ttft_prompt_len} tokens, batch 1 (one prefill forward, then the first sample)")
+        best = race(long_prompt, 1, 1, first_only=True)
+        for name, (seconds, _, ratio) in best.items():
+            print(f"{name:<30} {seconds * 1000:>8.1f} ms {ratio:>10.2f}x")
+    print("\nFirst call (warm-up, includes any compilation or graph capture): "
+          + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in warmup.items()))
 
 
 if __name__ == "__main__":

@@ -197,21 +197,10 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)  # QK norm, after rotary (as in the reference)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
-        if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T0 + T, D): cached prefix + this chunk
-        Tq, Tk = q.size(2), k.size(2)
-        gqa = self.n_head != self.n_kv_head
-        if Tq == Tk:
-            # training, or a prefill from an empty cache: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:
-            # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
         else:
-            # a chunk of queries: all of the cached prefix, then causal within the chunk
-            prefix = Tk - Tq
-            keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
+            y = kv_cache.attend(self.layer_idx, q, k, v)  # stores k, v; attends over the cached prefix too
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
@@ -328,13 +317,15 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()  # rotary positions continue after the cache
-        if T0 + T > self.cos.size(1):
-            raise ValueError(f"positions up to {T0 + T} exceed the rotary table "
-                             f"({self.cos.size(1)} = 10 x sequence_len); use a larger sequence_len in GPTConfig")
         if idx.device != self.cos.device:
             raise ValueError(f"idx is on {idx.device} but the model is on {self.cos.device}; move one of them")
-        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        if kv_cache is None:
+            if T > self.cos.size(1):
+                raise ValueError(f"positions up to {T} exceed the rotary table "
+                                 f"({self.cos.size(1)} = 10 x sequence_len); use a larger sequence_len in GPTConfig")
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            cos, sin = kv_cache.rotary(self.cos, self.sin, T)  # positions continue after the cached ones
 
         x = norm(self.transformer.wte(idx))  # (B, T, n_embd)
         for block in self.transformer.h:

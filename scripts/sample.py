@@ -11,7 +11,6 @@ done (interleaving several live streams on one terminal would be unreadable).
 
 import glob
 import os
-from contextlib import nullcontext
 
 import torch
 
@@ -37,7 +36,7 @@ model_tag = ""  # checkpoint folder under base_checkpoints (empty = the largest 
 step = -1  # checkpoint step (-1 = the last one saved)
 # Runtime
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
-dtype = "auto"  # auto|float32|bfloat16: auto uses bf16 autocast where it was measured to be faster
+dtype = "auto"  # auto|float32|bfloat16: auto decodes in bf16 where that was measured faster (hardware.choose_decode_dtype)
 configure(globals(), __file__)
 # -----------------------------------------------------------------------------
 
@@ -55,38 +54,36 @@ except FileNotFoundError as e:  # e.g. a --model_tag or --step that does not exi
     raise SystemExit(str(e)) from None
 
 if dtype == "auto":
-    use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16
+    decode_dtype = hardware.choose_decode_dtype(device)
 elif dtype in ("float32", "bfloat16"):
-    use_bf16 = dtype == "bfloat16"
+    decode_dtype = getattr(torch, dtype)
 else:
     raise SystemExit(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
-autocast_ctx = torch.amp.autocast(device_type=device_kind, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-print(f"Model {meta.get('model_config')} at step {meta.get('step')}, {'bf16' if use_bf16 else 'fp32'} on {device}")
+print(f"Model {meta.get('model_config')} at step {meta.get('step')}, decoding in {str(decode_dtype)[6:]} on {device}")
 bos = tokenizer.get_bos_token_id()
 row_enders = {bos, tokenizer.encode_special("<|assistant_end|>")}
 prompt_tokens = tokenizer(prompt, prepend=bos)
 
-engine = Engine(model, tokenizer)
+engine = Engine(model, tokenizer, dtype=decode_dtype)
 samples = [[] for _ in range(num_samples)]
 done = [False] * num_samples
 live = TextStream(tokenizer)  # holds back a character until all its bytes have come
 if num_samples > 1:
     print(f"--- sample 1/{num_samples} ---")
 print(prompt, end="", flush=True)
-with autocast_ctx:
-    stream = engine.generate(prompt_tokens, num_samples=num_samples, max_tokens=max_tokens,
-                             temperature=temperature, top_k=top_k or None, seed=seed)
-    for token_column, _ in stream:
-        for i, token in enumerate(token_column):
-            if done[i]:
-                continue
-            if token in row_enders:
-                done[i] = True
-                continue
-            samples[i].append(token)
-            if i == 0:
-                print(live.add(token), end="", flush=True)
+stream = engine.generate(prompt_tokens, num_samples=num_samples, max_tokens=max_tokens,
+                         temperature=temperature, top_k=top_k or None, seed=seed)
+for token_column, _ in stream:
+    for i, token in enumerate(token_column):
+        if done[i]:
+            continue
+        if token in row_enders:
+            done[i] = True
+            continue
+        samples[i].append(token)
+        if i == 0:
+            print(live.add(token), end="", flush=True)
 print(live.finish(), flush=True)
 for i in range(1, num_samples):
     print(f"--- sample {i + 1}/{num_samples} ---")

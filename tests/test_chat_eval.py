@@ -94,7 +94,7 @@ class ScriptedModel(torch.nn.Module):
                     self.history = [list(self.history[0]) for _ in range(B)]
                 self.history = [h + r for h, r in zip(self.history, rows)]
             zeros = torch.zeros(B, 1, T, 4)
-            kv_cache.insert_kv(0, zeros, zeros)
+            kv_cache.attend(0, zeros, zeros, zeros)
             rows = self.history
         logits = torch.zeros(B, T, self.config.vocab_size)
         for b, row in enumerate(rows):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanochat.calculator import use_calculator
-from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.engine import DecodeWeights, Engine, KVCache, can_pack_weights, decode_forward, sample_next_token
 from nanochat.gpt import GPTConfig, build_gpt
 
 
@@ -55,66 +55,97 @@ class CharTokenizer:
 # -----------------------------------------------------------------------------
 # KV cache
 
-def _fill(cache, value, batch=None):
-    """Insert one token whose keys are `value` and values are -`value` in every layer."""
-    B = batch or cache.batch_size
+def _attend_all_layers(cache, k, v, q=None):
+    """One forward's worth of attend calls: the same k, v in every layer; returns the last layer's output."""
+    q = k if q is None else q
     for layer in range(cache.num_layers):
-        k = torch.full((B, cache.num_heads, 1, cache.head_dim), float(value))
-        views = cache.insert_kv(layer, k, -k)
-    return views
+        y = cache.attend(layer, q, k, v)
+    return y
 
 
-def test_kv_cache_insert_returns_full_views_and_advances_after_last_layer():
+def _reference_attention(q, k, v):
+    """Softmax attention of the last k.size(2) - q.size(2) cached positions plus causal within q."""
+    Tq, Tk = q.size(2), k.size(2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    visible = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq)
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+
+def test_kv_cache_attends_over_prefix_and_advances_after_last_layer():
+    torch.manual_seed(0)
     cache = KVCache(batch_size=2, num_heads=3, seq_len=8, head_dim=4, num_layers=2)
-    k = torch.randn(2, 3, 5, 4)
-    v = torch.randn(2, 3, 5, 4)
-    k_all, v_all = cache.insert_kv(0, k, v)
-    assert cache.get_pos() == 0  # not until the last layer has inserted
-    assert torch.equal(k_all, k) and torch.equal(v_all, v)
-    cache.insert_kv(1, k, v)
+    k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    y = cache.attend(0, k, k, v)
+    assert cache.get_pos() == 0  # not until the last layer has attended
+    torch.testing.assert_close(y, _reference_attention(k, k, v))
+    cache.attend(1, k, k, v)
     assert cache.get_pos() == 5
-    k2 = torch.randn(2, 3, 1, 4)
-    k_all, v_all = cache.insert_kv(0, k2, -k2)
-    assert k_all.shape == (2, 3, 6, 4)
-    assert torch.equal(k_all[:, :, :5], k) and torch.equal(k_all[:, :, 5:], k2) and torch.equal(v_all[:, :, 5:], -k2)
+    # a chunk of 2 after the 5 cached: sees all of them, causal within itself
+    k2, v2, q2 = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    y = _attend_all_layers(cache, k2, v2, q2)
+    torch.testing.assert_close(y, _reference_attention(q2, torch.cat([k, k2], 2), torch.cat([v, v2], 2)))
+    assert cache.get_pos() == 7 and torch.equal(cache.k[1][:, :, 5:7], k2) and torch.equal(cache.v[0][:, :, :5], v)
     cache.reset()
     assert cache.get_pos() == 0
+
+
+def test_kv_cache_rotary_continues_after_cached_positions():
+    cos = torch.arange(10.0).view(1, 10, 1, 1)
+    cache = KVCache(batch_size=1, num_heads=1, seq_len=8, head_dim=2, num_layers=1)
+    _attend_all_layers(cache, torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2))
+    c, s = cache.rotary(cos, -cos, 2)
+    assert c.flatten().tolist() == [3.0, 4.0] and s.flatten().tolist() == [-3.0, -4.0]
+    with pytest.raises(ValueError, match="rotary table"):
+        cache.rotary(cos, cos, 8)
 
 
 def test_kv_cache_grows_and_keeps_contents():
     cache = KVCache(batch_size=2, num_heads=3, seq_len=4, head_dim=5, num_layers=3)
     for t in range(4):
-        _fill(cache, t)
-    capacity = cache.kv.size(4)
-    k_all, v_all = _fill(cache, 4)  # one past the initial capacity
-    assert cache.kv.size(4) > capacity
-    assert cache.get_pos() == 5
+        _attend_all_layers(cache, torch.full((2, 3, 1, 5), float(t)), torch.full((2, 3, 1, 5), -float(t)))
+    capacity = cache.k[0].size(2)
+    _attend_all_layers(cache, torch.full((2, 3, 1, 5), 4.0), torch.full((2, 3, 1, 5), -4.0))  # one past the capacity
+    assert cache.k[0].size(2) > capacity and cache.get_pos() == 5
     expected = torch.arange(5.0).view(1, 1, 5, 1).expand(2, 3, 5, 5)
-    assert torch.equal(k_all, expected) and torch.equal(v_all, -expected)
     for layer in range(3):
-        assert torch.equal(cache.kv[layer, 0, :, :, :5], expected)
+        assert torch.equal(cache.k[layer][:, :, :5], expected) and torch.equal(cache.v[layer][:, :, :5], -expected)
+
+
+def test_kv_cache_static_position_matches_slices():
+    # the static form (position tensor, whole capacity, masked) that compiled steps and CUDA graphs run
+    torch.manual_seed(0)
+    sliced = KVCache(batch_size=2, num_heads=2, seq_len=16, head_dim=4, num_layers=2, dtype=torch.float32)
+    static = KVCache(batch_size=2, num_heads=2, seq_len=16, head_dim=4, num_layers=2, dtype=torch.float32)
+    prompt_k, prompt_v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    for cache in (sliced, static):
+        _attend_all_layers(cache, prompt_k, prompt_v)
+    for layer in range(2):  # whatever the unwritten memory holds (here NaN), the static form must not see it
+        static.k[layer][:, :, 5:] = float("nan")
+        static.v[layer][:, :, 5:] = float("nan")
+    static.make_static()
+    cos = torch.randn(1, 16, 1, 4)
+    for _ in range(4):
+        k, v, q = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+        assert torch.equal(static.rotary(cos, cos, 1)[0], sliced.rotary(cos, cos, 1)[0])
+        torch.testing.assert_close(_attend_all_layers(static, k, v, q), _attend_all_layers(sliced, k, v, q))
+        static.pos += 1  # the host side of a static step advances with the step runner
+        assert static.pos_tensor.item() == static.pos == sliced.pos
 
 
 def test_kv_cache_prefill_broadcasts_batch_one():
+    torch.manual_seed(0)
     small = KVCache(batch_size=1, num_heads=2, seq_len=3, head_dim=4, num_layers=2)
-    prompt = []
-    for _ in range(3):
-        k = torch.randn(1, 2, 1, 4)
-        prompt.append(k)
-        for layer in range(2):
-            small.insert_kv(layer, k, 2 * k)
+    prompt = torch.randn(1, 2, 3, 4)
+    _attend_all_layers(small, prompt, 2 * prompt)
     big = KVCache(batch_size=3, num_heads=2, seq_len=10, head_dim=4, num_layers=2)
     big.prefill(small)
-    assert big.get_pos() == 3
-    prompt = torch.cat(prompt, dim=2)  # (1, 2, 3, 4)
+    assert big.get_pos() == 3 and big.k[0].shape == (3, 2, 10, 4)
     for row in range(3):
-        assert torch.equal(big.kv[1, 0, row, :, :3], prompt[0])
-        assert torch.equal(big.kv[1, 1, row, :, :3], 2 * prompt[0])
+        assert torch.equal(big.k[1][row, :, :3], prompt[0]) and torch.equal(big.v[1][row, :, :3], 2 * prompt[0])
     # rows diverge after the shared prefix
     new = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 1, 4)
-    for layer in range(2):
-        k_all, _ = big.insert_kv(layer, new, new)
-    assert k_all.shape == (3, 2, 4, 4) and torch.equal(k_all[:, :, 3:], new)
+    _attend_all_layers(big, new, new)
+    assert big.get_pos() == 4 and torch.equal(big.k[0][:, :, 3:4], new)
     # incompatible shapes are refused with a message
     with pytest.raises(ValueError):
         KVCache(batch_size=3, num_heads=5, seq_len=10, head_dim=4, num_layers=2).prefill(small)
@@ -211,6 +242,82 @@ def test_generate_batch_returns_prompt_plus_tokens(model_and_tokenizer):
     assert masks == [[0] * len(prompt) + [1] * 12] * 2
 
 
+def test_static_decode_form_matches_slices(model_and_tokenizer):
+    # the form that "compile" and "cuda_graph" run (position tensor, whole capacity, masked), here uncompiled
+    model, tokenizer = model_and_tokenizer
+    prompt = torch.tensor([tokenizer.encode("hello there")] * 3)
+    weights = DecodeWeights(model, torch.float32, pack=False)
+    caches = [KVCache(3, model.config.n_kv_head, 64, 16, model.config.n_layer, dtype=torch.float32) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, kv_cache=cache)
+        caches[1].make_static()
+        ids = prompt[:, -1:]
+        for _ in range(10):
+            sliced = decode_forward(weights, caches[0], ids)
+            static = decode_forward(weights, caches[1], ids)
+            caches[1].pos += 1
+            torch.testing.assert_close(static, sliced)
+            ids = sliced.argmax(-1, keepdim=True)
+    assert caches[1].pos_tensor.item() == caches[0].pos == prompt.size(1) + 10
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("abc")
+    eager = _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    compiled = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    assert compiled == eager
+
+
+def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypatch, capsys):
+    import nanochat.engine as engine_module
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(engine_module, "compiled_decode_forward", lambda: broken)
+    prompt = tokenizer.encode("abc")
+    got = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    assert got == _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    assert "decoding uncompiled" in capsys.readouterr().out
+
+
+def test_bf16_decode_follows_the_model(model_and_tokenizer):
+    # bf16 changes the arithmetic, so tokens can differ from fp32; each chosen token must still be the
+    # model's (full forward, bf16 autocast) best guess up to bf16 rounding
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("the cat")
+    tokens = _columns(Engine(model, tokenizer, dtype=torch.bfloat16), prompt, max_tokens=20, temperature=0.0)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].float()  # (20, V)
+    chosen = logits.gather(1, torch.tensor(tokens).view(-1, 1))[:, 0]
+    assert torch.all(chosen >= logits.max(dim=1).values - 0.25)
+    if can_pack_weights("cpu", torch.bfloat16):  # the prepacked matmul is the plain bf16 one, bit for bit
+        x, w = torch.randn(3, 64).bfloat16(), torch.randn(96, 64)
+        weights = DecodeWeights(model, torch.bfloat16, pack=True)
+        assert torch.equal(weights.linear(x, torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1)),
+                           torch.nn.functional.linear(x, w.bfloat16()))
+
+
+def test_engine_sees_weights_change(model_and_tokenizer):
+    # the Engine keeps decode weights between calls; training the model in between must not leave them stale
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("xy")
+    before = _columns(engine, prompt, max_tokens=10, temperature=0.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    try:
+        after = _columns(engine, prompt, max_tokens=10, temperature=0.0)
+        assert after == [_naive_decode(model, prompt, 10)] and after != before
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)
+
+
 # -----------------------------------------------------------------------------
 # Tool use and row endings with a scripted model
 
@@ -233,7 +340,8 @@ class ScriptedModel(torch.nn.Module):
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if kv_cache is not None:
             for layer in range(self.config.n_layer):
-                kv_cache.insert_kv(layer, torch.zeros(B, 1, T, 4), torch.zeros(B, 1, T, 4))
+                zeros = torch.zeros(B, 1, T, 4)
+                kv_cache.attend(layer, zeros, zeros, zeros)
         logits = torch.zeros(B, T, self.vocab_size)
         for b in range(B):
             for t in range(T):
