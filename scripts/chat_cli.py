@@ -32,7 +32,7 @@ parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint ste
 parser.add_argument("-p", "--prompt", default="", help="ask this one question, print the answer and exit")
 parser.add_argument("-t", "--temperature", type=float, default=0.6,
                     help="sampling temperature, 0 = greedy (default 0.6)")
-parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50; 0: all)")
 parser.add_argument("-m", "--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
 parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per answer)")
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
@@ -52,10 +52,10 @@ tokenizer = chat.tokenizer
 
 def ask(messages):
     """Stream the model's answer to the conversation; returns its text (tool calls as token names)."""
-    prompt = tokenizer.render_for_completion({"messages": messages})
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     pieces = []
     try:
+        prompt = tokenizer.render_for_completion({"messages": messages})
         for piece in chat.answer(prompt, args.max_tokens, args.temperature, args.top_k or None, seed):
             pieces.append(piece)
             print(TOOL_DISPLAY.get(piece, piece), end="", flush=True)

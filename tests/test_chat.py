@@ -4,12 +4,14 @@ tokens they were written with, and scripts/chat_cli.py driven as a person uses i
 python -m pytest tests/test_chat.py -q
 """
 
+import fcntl
 import os
 import pty
 import random
 import select
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -105,9 +107,10 @@ def test_cli_missing_model_says_what_to_train(tmp_path):
 
 
 def read_until(fd, marker, output, timeout=300):
-    """Read the terminal into output (a bytearray) until marker appears; returns False at EOF."""
+    """Read the terminal into output (a bytearray) until marker appears (or marker(output) is true); False at EOF."""
+    done = marker if callable(marker) else lambda text: marker in text
     deadline = time.time() + timeout
-    while marker not in output:
+    while not done(output):
         assert time.time() < deadline, f"timed out waiting for {marker!r}; got:\n{output.decode(errors='replace')}"
         ready, _, _ = select.select([fd], [], [], 1.0)
         if ready:
@@ -121,13 +124,19 @@ def read_until(fd, marker, output, timeout=300):
     return True
 
 
-def test_cli_interactive_session_in_a_terminal(chat_base_dir):
-    # a real pseudo-terminal, typed into line by line as a person would: two questions, clear, one more, quit
+def start_in_terminal(args, chat_base_dir):
+    """chat_cli in a new session whose controlling terminal is a fresh pseudo-terminal (so Ctrl-C is a SIGINT)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", *CLI_ARGS], cwd=REPO_ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", *args], cwd=REPO_ROOT,
                             env={**cli_env(chat_base_dir), "TERM": "dumb"}, stdin=slave, stdout=slave, stderr=slave,
-                            close_fds=True)
+                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     os.close(slave)
+    return proc, master
+
+
+def test_cli_interactive_session_in_a_terminal(chat_base_dir):
+    # typed into line by line as a person would: two questions, clear, one more, quit
+    proc, master = start_in_terminal(CLI_ARGS, chat_base_dir)
     output = bytearray()
     try:
         for line in ["hello there", "and what is 12*7?", "clear", "again", "quit"]:
@@ -141,6 +150,27 @@ def test_cli_interactive_session_in_a_terminal(chat_base_dir):
                 assert read_until(master, b"(new conversation)", output)
             else:  # the answer streams in, with the calculator call and its result
                 assert read_until(master, b"nanochat: [calculator: 12*7] = 84", output)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_ctrl_c_stops_an_answer_and_the_chat_goes_on(chat_base_dir):
+    # the base model of chat_base_dir writes words until max_tokens: a long answer, stopped by Ctrl-C
+    proc, master = start_in_terminal(["-i", "base", "-m", "4000", "-t", "1", *CLI_ARGS[2:]], chat_base_dir)
+    output = bytearray()
+    try:
+        assert read_until(master, b"You: ", output)
+        os.write(master, b"tell me everything\n")
+        assert read_until(master, b"nanochat: ", output)
+        del output[:]
+        assert read_until(master, lambda text: len(text.split()) >= 5, output)  # a few words into the answer
+        os.write(master, b"\x03")  # Ctrl-C
+        assert read_until(master, b" [stopped]", output) and read_until(master, b"You: ", output)
+        os.write(master, b"\x04")  # Ctrl-D leaves
+        assert read_until(master, b"Bye.", output)
         assert proc.wait(timeout=60) == 0
     finally:
         os.close(master)
