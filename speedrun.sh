@@ -20,7 +20,9 @@
 #   SPEEDRUN_TOK_MAX_CHARS=1000000 SPEEDRUN_VOCAB_SIZE=1024 SPEEDRUN_TOK_EVAL_ARGS=--no_baselines \
 #   SPEEDRUN_BASE_TRAIN_ARGS="--max_seq_len=256 --device_batch_size=2 --total_batch_size=1024 --num_iterations=6" \
 #   SPEEDRUN_BASE_LOSS_ARGS="--device_batch_size=2 --split_tokens=2048" SPEEDRUN_BASE_EVAL_ARGS=--max_per_task=11 \
-#   bash speedrun.sh
+#   SPEEDRUN_MID_TRAIN_ARGS="--max_seq_len=256 --device_batch_size=2 --total_batch_size=1024 --num_iterations=6" \
+#   SPEEDRUN_CHAT_SFT_ARGS="--max_seq_len=256 --device_batch_size=2 --target_examples_per_step=8 --num_iterations=6" \
+#   SPEEDRUN_CHAT_EVAL_ARGS="-x 8 -m 32" bash speedrun.sh
 # (SPEEDRUN_<SCRIPT>_ARGS adds settings to any stage run through `launch`.)
 set -Eeuo pipefail  # -E: the ERR trap below also fires inside functions
 CALLER_DIR="$PWD"
@@ -113,17 +115,13 @@ stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$LAST_STEP.
 stage "identity conversations" "$BASE_DIR/task_data/identity_conversations.jsonl" \
     python -c "from tasks.customjson import identity_conversations_path; print(identity_conversations_path())"
 resumable_stage "midtraining" mid_checkpoints "$BASE_DIR/report/midtraining.md" \
-    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.mid_train -- \
-        --run="$WANDB_RUN" --model_tag="$MODEL_TAG"
-stage "chat evaluation (mid)" "$BASE_DIR/report/chat-evaluation-mid.md" \
-    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.chat_eval -- -i mid -g "$MODEL_TAG"
+    launch mid_train --run="$WANDB_RUN" --model_tag="$MODEL_TAG"
+stage "chat evaluation (mid)" "$BASE_DIR/report/chat-evaluation-mid.md" launch chat_eval -i mid -g "$MODEL_TAG"
 
 # Supervised fine-tuning: one conversation per row, loss on the assistant's tokens only; then the same evaluation.
 resumable_stage "SFT" chatsft_checkpoints "$BASE_DIR/report/chat-sft.md" \
-    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.chat_sft -- \
-        --run="$WANDB_RUN" --model_tag="$MODEL_TAG"
-stage "chat evaluation (sft)" "$BASE_DIR/report/chat-evaluation-sft.md" \
-    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.chat_eval -- -i sft -g "$MODEL_TAG"
+    launch chat_sft --run="$WANDB_RUN" --model_tag="$MODEL_TAG"
+stage "chat evaluation (sft)" "$BASE_DIR/report/chat-evaluation-sft.md" launch chat_eval -i sft -g "$MODEL_TAG"
 
 # The report card: <base>/report.md, copied (with its plots) into the directory this was run from.
 STAGE="report"

@@ -226,9 +226,9 @@ def save_current_step(with_optimizer=True):
         },
     }
     optimizer_data = [opt.state_dict() for opt in optimizers] if with_optimizer else None
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer_data, meta, rank=ddp_rank)
-    if ddp:
-        dist.barrier()  # the step is only complete once every rank's shard is on disk
+    # every rank writes its optimizer shard; the meta file comes last, once all of them are on disk
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer_data, meta, rank=ddp_rank,
+                    world_size=ddp_world_size)
 
 step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None,
                    enabled=master_process)

@@ -255,10 +255,9 @@ def save_current_step():
                           "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch.")},
         },
     }
+    # every rank writes its optimizer shard; the meta file comes last, once all of them are on disk
     save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                    rank=ddp_rank)
-    if ddp:
-        dist.barrier()  # the step is only complete once every rank's shard is on disk
+                    rank=ddp_rank, world_size=ddp_world_size)
 
 step_log = StepLog(os.path.join(checkpoint_dir, "log.jsonl"), resume_step=step if resuming else None,
                    enabled=master_process)
