@@ -13,7 +13,6 @@ answer sent back with the next question is rendered with the same special tokens
 
 import codecs
 import re
-from contextlib import nullcontext
 
 import torch
 
@@ -75,25 +74,19 @@ def answer_enders(tokenizer):
 
 
 class ChatModel:
-    """A model loaded for chatting: its Engine, tokenizer, device and precision."""
+    """A model loaded for chatting: its Engine, tokenizer, device and the dtype it decodes in."""
 
     def __init__(self, source, device, model_tag=None, step=None, dtype="auto"):
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        if dtype == "auto":
-            dtype = "bfloat16" if hardware.choose_autocast_dtype(device) == torch.bfloat16 else "float32"
-        if dtype not in ("float32", "bfloat16"):
+        if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-        self.engine = Engine(model, tokenizer)
+        decode_dtype = hardware.choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+        self.engine = Engine(model, tokenizer, dtype=decode_dtype)
         self.tokenizer = tokenizer
         self.meta = meta
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = str(decode_dtype).removeprefix("torch.")
         self.context_len = model.config.sequence_len  # the length the model was trained on
-
-    def autocast(self):
-        if self.dtype == "bfloat16":
-            return torch.amp.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
     def describe(self):
         config = self.engine.model.config
@@ -112,10 +105,9 @@ class ChatModel:
                              f"{self.context_len}: start a new conversation")
         stream = TextStream(self.tokenizer)
         enders = answer_enders(self.tokenizer)
-        with self.autocast():
-            for token_column, _ in self.engine.generate(prompt, num_samples=1, max_tokens=min(max_tokens, room),
-                                                        temperature=temperature, top_k=top_k, seed=seed):
-                token = token_column[0]  # one sample
-                if token in enders:
-                    return
-                yield stream.add(token)
+        for token_column, _ in self.engine.generate(prompt, num_samples=1, max_tokens=min(max_tokens, room),
+                                                    temperature=temperature, top_k=top_k, seed=seed):
+            token = token_column[0]  # one sample
+            if token in enders:
+                return
+            yield stream.add(token)

@@ -37,7 +37,7 @@ parser.add_argument("-m", "--max-tokens", type=int, default=512, help="longest a
 parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per answer)")
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="auto: bf16 autocast where it was measured to be faster")
+                    help="dtype to decode in; auto: bf16 where it was measured faster")
 args = parser.parse_args()
 
 # Loading talks on stdout; keep stdout for the conversation (with -p, just the answer).

@@ -67,7 +67,7 @@ parser.add_argument("--host", default="127.0.0.1",
 parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="auto: bf16 autocast where it was measured to be faster")
+                    help="dtype to decode in; auto: bf16 where it was measured faster")
 args = parser.parse_args()
 defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
 for name, (low, high) in [("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)]:
