@@ -254,8 +254,9 @@ def decode_forward(w, cache, ids):
     """
     B = ids.size(0)
     H, H_kv, D = w.n_head, w.n_kv_head, w.head_dim
-    x = F.rms_norm(F.embedding(ids[:, 0], w.wte), (w.wte.size(1),))  # (B, C)
+    x = F.embedding(ids[:, 0], w.wte)  # (B, C)
     C = x.size(1)
+    x = F.rms_norm(x.to(torch.promote_types(x.dtype, w.dtype)), (C,))  # bf16 embedding, fp32 decode: as GPT.forward
     cos, sin = cache.rotary(w.cos, w.sin, 1)  # (1, 1, 1, D)
     for layer_idx, (qkv_w, proj_w, fc_w, mlp_proj_w) in enumerate(w.layers):
         qkv = w.linear(F.rms_norm(x, (C,)), qkv_w).to(cache.dtype).view(B, 1, H + 2 * H_kv, D)
@@ -409,10 +410,6 @@ class Engine:
         if dtype is None:
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight_dtype
         mode = self.decode_mode or ("cuda_graph" if device.type == "cuda" else "eager")
-        embedding = getattr(getattr(self.model, "transformer", None), "wte", None)
-        if embedding is not None and dtype == weight_dtype != embedding.weight.dtype:
-            raise ValueError(f"the model keeps its embedding in {embedding.weight.dtype} (as on CUDA), so its forward runs only "
-                             f"under autocast: decode in that dtype (Engine(..., dtype={embedding.weight.dtype}))")
 
         special = self.tokenizer.encode_special
         python_start, python_end = special("<|python_start|>"), special("<|python_end|>")

@@ -327,7 +327,10 @@ class GPT(nn.Module):
         else:
             cos, sin = kv_cache.rotary(self.cos, self.sin, T)  # positions continue after the cached ones
 
-        x = norm(self.transformer.wte(idx))  # (B, T, n_embd)
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lm_head.weight.dtype)  # the bf16 embedding of CUDA, used outside autocast
+        x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)

@@ -206,6 +206,19 @@ def test_engine_greedy_matches_full_forward(model_and_tokenizer):
     assert list(model.generate(prompt, max_tokens=40, temperature=0.0)) == expected
 
 
+def test_bf16_embedding_runs_outside_autocast_as_on_cuda():
+    # On CUDA the embedding is kept in bf16 (init_weights, as the reference). The forward without autocast and
+    # the Engine's default fp32 decode must still run there, and agree (runs/gpu_check.sh found both failing).
+    model, tokenizer = _small_gpt(len(CHARS)), CharTokenizer()
+    model.transformer.wte.to(dtype=torch.bfloat16)
+    prompt = tokenizer.encode("hello world 12")
+    expected = _naive_decode(model, prompt, 40)
+    assert len(set(expected)) > 5
+    assert _columns(Engine(model, tokenizer), prompt, max_tokens=40, temperature=0.0) == [expected]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the forward is unchanged
+        assert model(torch.tensor([prompt])).shape == (1, len(prompt), len(CHARS))
+
+
 def test_engine_sampling_matches_full_forward(model_and_tokenizer):
     # same seed, same sampler: the cached and uncached logits must agree at every step
     model, tokenizer = model_and_tokenizer
