@@ -103,7 +103,7 @@ def main():
     unknown = set(names) - {"ours", "plain", "reference"}
     if unknown:
         raise SystemExit(f"error: unknown variants {sorted(unknown)}; choose from ours, plain, reference")
-    if "reference" in names and not os.path.isfile(os.path.join(ref_dir, "nanochat", "gpt.py")):
+    if "reference" in names and not (ref_dir and os.path.isfile(os.path.join(ref_dir, "nanochat", "gpt.py"))):
         raise SystemExit("error: the 'reference' variant needs --ref_dir=PATH, a checkout of the reference nanochat: "
                          "git clone https://github.com/karpathy/nanochat && git -C nanochat checkout f37d45c "
                          f"(got {ref_dir!r}, which has no nanochat/gpt.py)")

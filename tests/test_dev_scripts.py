@@ -1,0 +1,38 @@
+"""
+The measuring scripts in dev/ run end to end at toy size (their numbers are not checked, only that
+they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss) and dev/profile_step.py.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = ["--depth=1", "--seq_len=32", "--batch_size=2", "--vocab_size=64"]
+
+
+def run(module, *args):
+    result = subprocess.run([sys.executable, "-m", module, *TOY, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def test_loss_memory_measures_ours_and_plain():
+    out = run("dev.loss_memory", "--dtype=bfloat16")
+    assert "ours " in out and "plain " in out and "ours / plain:" in out
+
+
+def test_loss_memory_names_what_the_reference_variant_needs():
+    result = subprocess.run([sys.executable, "-m", "dev.loss_memory", *TOY, "--variants=ours,reference"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "--ref_dir" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_profile_step_prints_the_breakdown():
+    out = run("dev.profile_step", "--compile=false", "--warmup=1", "--steps=1", "--dtype=float32")
+    for kind in ("matmul", "attention", "elementwise", "optimizer", "MFU"):
+        assert kind in out
