@@ -16,16 +16,14 @@ Every row reports whether its greedy tokens equal the baseline's; bf16 rows are 
 """
 
 import glob
-import importlib.util
 import math
 import os
 import statistics
-import sys
 import time
-import types
 
 import torch
 
+from dev.reference import load_reference, reference_model
 from nanochat import hardware
 from nanochat.common import autodetect_device_type, get_base_dir
 from nanochat.configurator import configure
@@ -44,8 +42,8 @@ batch_sizes = "1,8"  # samples decoded together, comma separated
 max_tokens = 128  # new tokens per sample in the throughput runs
 prompt_len = 16  # prompt tokens in the throughput runs
 ttft_prompt_len = 500  # prompt tokens of the time-to-first-token runs (0 = skip them)
-repeats = 5  # timed rounds; in each, every contender runs once, in turn (tok/s: its fastest round; ratio: median of rounds)
-dtypes = ""  # our Engine's decode dtypes: float32, bfloat16, auto (= hardware.choose_decode_dtype); "" = float32,auto on CPU, auto elsewhere
+repeats = 5  # timed rounds, every contender once per round in turn (tok/s: its fastest; ratio: median of rounds)
+dtypes = ""  # ours: float32, bfloat16, auto (= hardware.choose_decode_dtype); "" = float32,auto on CPU, else auto
 modes = ""  # our decode modes, comma separated: eager, compile, cuda_graph ("" = the Engine's default)
 reference = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c) to time as baseline
 # Runtime
@@ -66,29 +64,6 @@ class NoTokenizer:
         return -1
 
 
-def load_reference(ref_dir):
-    """The reference's gpt and engine modules, loaded as ref_*: their `from nanochat.x import` lines are
-    pointed at ref_x, so they run the reference's code next to ours in this process."""
-    if not os.path.isfile(os.path.join(ref_dir, "nanochat", "engine.py")):
-        raise SystemExit(f"--reference={ref_dir!r} is not a checkout of the reference nanochat (no nanochat/engine.py "
-                         "there); pass its path, e.g. a clone of karpathy/nanochat at f37d45c, or leave it empty")
-    sys.modules["ref_checkpoint_manager"] = types.SimpleNamespace(load_model=None)  # only its __main__ uses it
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(f"ref_{name}", os.path.join(ref_dir, "nanochat", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"ref_{name}"] = module
-        source = open(spec.origin, encoding="utf-8").read()
-        for dep in ("common", "muon", "adamw", "gpt", "checkpoint_manager"):
-            source = source.replace(f"from nanochat.{dep} import", f"from ref_{dep} import")
-        exec(compile(source, spec.origin, "exec"), module.__dict__)
-        return module
-
-    for dep in ("common", "muon", "adamw"):
-        load(dep)
-    return load("gpt"), load("engine")
-
-
 def load_our_model(device):
     checkpoints = os.path.join(get_base_dir(), "base_checkpoints")
     if model_tag != "random" and glob.glob(os.path.join(checkpoints, "*", "model_*.pt")):
@@ -99,7 +74,8 @@ def load_our_model(device):
     torch.manual_seed(seed)
     n_embd = 64 * depth
     n_head = max(1, -(-n_embd // 128))
-    config = GPTConfig(sequence_len=1024, vocab_size=8192, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+    config = GPTConfig(sequence_len=1024, vocab_size=8192, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                       n_embd=n_embd)
     model = build_gpt(config, device)
     with torch.no_grad():  # init zeroes lm_head and the output projections: randomise them so tokens vary
         for p in model.parameters():
@@ -128,15 +104,8 @@ def main():
     contenders = {}
     fp32_contenders = []  # ours in fp32: greedy tokens comparable with the naive full forward
     if reference:
-        ref_gpt, ref_engine = load_reference(reference)
-        with torch.device("meta"):
-            ref_model = ref_gpt.GPT(ref_gpt.GPTConfig(**{k: getattr(config, k) for k in
-                                                        ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}))
-        ref_model.to_empty(device=device)
-        ref_model.init_weights()  # its rotary tables; the weights come next
-        ref_model.load_state_dict(model.state_dict(), strict=True)
-        ref_model.eval()
-        ref = ref_engine.Engine(ref_model, tokenizer)
+        ref_gpt, ref_engine = load_reference(reference, "gpt", "engine")
+        ref = ref_engine.Engine(reference_model(ref_gpt, model), tokenizer)
         ref_bf16 = device.type == "cuda"  # the reference decodes under bf16 autocast on CUDA, in fp32 elsewhere
 
         def run_reference(tokens, n, num_tokens):
@@ -155,8 +124,10 @@ def main():
                 fp32_contenders.append(name)
     baseline = next(iter(contenders))
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else "?"
+    cpu = "?"
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else "?"
     print(f"Model: {source}, depth {config.n_layer}, width {config.n_embd}, vocab {vocab}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
     print(f"Device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
@@ -202,12 +173,13 @@ def main():
             naive = list(model.generate(prompt, max_tokens=min(max_tokens, 32), temperature=0.0))
             same_as = [c[0] for c in base_columns[:len(naive)]] == naive
         for name, (seconds, columns, ratio) in best.items():
-            same = "(itself" + (f"; naive full forward: {same_as})" if same_as is not None else ")") if name == baseline \
-                else columns == base_columns
+            same = columns == base_columns
+            if name == baseline:
+                same = "(itself" + (f"; naive full forward: {same_as})" if same_as is not None else ")")
             print(f"{name:<30} {n:>5} {n * len(columns) / seconds:>9.0f} {ratio:>10.2f}x  {same}")
 
     if ttft_prompt_len > 0:
-        print(f"\nTime to first token: prompt {ttft_prompt_len} tokens, batch 1 (one prefill forward, then the first sample)")
+        print(f"\nTime to first token: prompt {ttft_prompt_len} tokens, batch 1 (the prefill forward, then one sample)")
         best = race(long_prompt, 1, 1, first_only=True)
         for name, (seconds, _, ratio) in best.items():
             print(f"{name:<30} {seconds * 1000:>8.1f} ms {ratio:>10.2f}x")

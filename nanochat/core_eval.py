@@ -28,6 +28,7 @@ import tempfile
 import time
 import zipfile
 import zlib
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -139,20 +140,6 @@ def pad_right(tokens, pad_id):
     return batch
 
 
-@torch.no_grad()
-def losses_and_predictions(model, input_ids):
-    """
-    Per-position next-token loss and argmax prediction, both (B, T). Position t scores token t+1;
-    the last column has no target and its loss is nan.
-    """
-    B, T = input_ids.shape
-    logits = model(input_ids)  # (B, T, V)
-    targets = torch.roll(input_ids, shifts=-1, dims=1)  # the wrapped-around last column is masked below
-    losses = torch.nn.functional.cross_entropy(logits.view(B * T, -1), targets.view(B * T), reduction="none").view(B, T)
-    losses[:, -1] = float("nan")
-    return losses, logits.argmax(dim=-1)
-
-
 # -----------------------------------------------------------------------------
 # One example, one task
 
@@ -174,47 +161,108 @@ RENDERERS = {"multiple_choice": render_prompts_mc, "schema": render_prompts_sche
              "language_modeling": render_prompts_lm}
 
 
-@torch.no_grad()
-def evaluate_example(idx, model, tokenizer, data, device, task_meta):
-    """True if the model gets data[idx] right."""
-    item, task_type = data[idx], task_meta["task_type"]
+def prepare_example(idx, model, tokenizer, data, task_meta):
+    """The token sequences of data[idx] (one per choice, context option, or the one lm sequence) and the
+    [start, end) span scored in each."""
+    task_type = task_meta["task_type"]
     if task_type not in RENDERERS:
         raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
     fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
-    prompts = RENDERERS[task_type](item, task_meta["continuation_delimiter"], fewshot)
+    prompts = RENDERERS[task_type](data[idx], task_meta["continuation_delimiter"], fewshot)
     tokens, starts, ends = tokenize_prompts(tokenizer, task_type, prompts)
-
     # Models with a hard context limit expose max_seq_len. nanochat's GPT does not (as in the reference,
     # it takes prompts longer than its training length); only a prompt beyond its rotary table, which
     # it could not run at all, is cropped to fit.
     max_len = getattr(model, "max_seq_len", None) or getattr(model, "rotary_seq_len", None)
     if max_len is not None:
         tokens, starts, ends = crop_left(tokens, starts, ends, max_len)
-
-    # All choices in one forward pass; BOS as padding is harmless as padded positions are never scored.
-    input_ids = pad_right(tokens, tokenizer.get_bos_token_id()).to(device)
-    losses, predictions = losses_and_predictions(model, input_ids)
-
-    if task_type == "language_modeling":
-        start, end = starts[0], ends[0]
-        return bool(torch.all(predictions[0, start - 1 : end - 1] == input_ids[0, start:end]).item())
-    # mc / schema: lowest mean loss over the scored span (first lowest on ties, Python's min)
-    mean_losses = [losses[row, start - 1 : end - 1].mean().item() for row, (start, end) in enumerate(zip(starts, ends))]
-    chosen = min(range(len(mean_losses)), key=lambda row: mean_losses[row])
-    return chosen == item["gold"]
+    return tokens, starts, ends
 
 
-def evaluate_task(model, tokenizer, data, device, task_meta):
+@contextmanager
+def logits_only_at(model, rows, positions):
+    """
+    Within this block a GPT's forward returns the logits of positions (rows[i], positions[i]) only, (N, V):
+    a hook hands its unembedding (lm_head, the largest matmul of a small model) just those rows, so it
+    and the softcap after it skip every unscored position. Yields False, changing nothing, for a model
+    without an lm_head module.
+    """
+    lm_head = getattr(model, "lm_head", None)
+    if not isinstance(lm_head, torch.nn.Module):
+        yield False
+        return
+    handle = lm_head.register_forward_pre_hook(lambda module, args: (args[0][rows, positions],))
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def evaluate_batch(model, tokenizer, data, device, task_meta, examples):
+    """
+    Whether the model gets each example right, all in one forward pass: examples is a list of
+    (idx, (tokens, starts, ends)); the sequences of all of them are padded on the right into one batch.
+    Padding changes nothing before it (the model is causal) and padded positions are never scored.
+    The loss (or argmax prediction) of a position is computed from its logits alone, so picking out the
+    scored positions first gives the numbers a cross-entropy over every position would, for less work.
+    """
+    rows = [seq for _, (tokens, _, _) in examples for seq in tokens]
+    input_ids = pad_right(rows, tokenizer.get_bos_token_id()).to(device)  # BOS as padding
+    # every scored position, span after span: row r, positions start-1 .. end-2 predict tokens start .. end-1
+    spans = [(row, start, end) for row, (start, end) in
+             enumerate((s, e) for _, (_, starts, ends) in examples for s, e in zip(starts, ends))]
+    at_row = torch.cat([torch.full((end - start,), row) for row, start, end in spans]).to(device)
+    at_pos = torch.cat([torch.arange(start - 1, end - 1) for _, start, end in spans]).to(device)
+    with logits_only_at(model, at_row, at_pos) as picked:
+        logits = model(input_ids)  # (N, V) if picked, else (B, T, V)
+    scored = logits if picked else logits[at_row, at_pos]  # (N, V)
+    targets = input_ids[at_row, at_pos + 1]  # (N,)
+    lengths = [end - start for _, start, end in spans]
+    if task_meta["task_type"] == "language_modeling":  # right only if greedy prediction hits every token
+        return torch.stack([hit.all() for hit in (scored.argmax(dim=-1) == targets).split(lengths)]).tolist()
+    losses = torch.nn.functional.cross_entropy(scored, targets, reduction="none")
+    mean_losses = torch.stack([span.mean() for span in losses.split(lengths)]).tolist()
+    results, row = [], 0
+    for idx, (tokens, _, _) in examples:  # lowest mean loss wins (the first lowest on ties, Python's min)
+        choices = mean_losses[row:row + len(tokens)]
+        results.append(min(range(len(choices)), key=lambda c: choices[c]) == data[idx]["gold"])
+        row += len(tokens)
+    return results
+
+
+def evaluate_example(idx, model, tokenizer, data, device, task_meta):
+    """True if the model gets data[idx] right (one example in its own forward pass, as the reference does)."""
+    example = (idx, prepare_example(idx, model, tokenizer, data, task_meta))
+    return evaluate_batch(model, tokenizer, data, device, task_meta, [example])[0]
+
+
+def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
     """
     Accuracy over the examples of one task. task_meta: task_type, num_fewshot, continuation_delimiter.
-    Under torchrun, rank r takes examples r, r+world, ...; results are summed over ranks.
+    Examples go through the model in batches of about batch_tokens tokens (padding included; at least one
+    example per batch), similar lengths together. Under torchrun, rank r takes examples r, r+world, ...;
+    results are summed over ranks.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
-    for idx in range(rank, len(data), world_size):
-        correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
+    mine = [(idx, prepare_example(idx, model, tokenizer, data, task_meta))
+            for idx in range(rank, len(data), world_size)]
+    mine.sort(key=lambda example: max(len(seq) for seq in example[1][0]))  # similar lengths together: less padding
+    batches = []  # (examples, rows, longest row)
+    for example in mine:
+        rows, longest = len(example[1][0]), max(len(seq) for seq in example[1][0])
+        if batches and (batches[-1][1] + rows) * max(batches[-1][2], longest) <= batch_tokens:
+            examples, batch_rows, batch_longest = batches[-1]
+            batches[-1] = (examples + [example], batch_rows + rows, max(batch_longest, longest))
+        else:
+            batches.append(([example], rows, longest))
+    correct = torch.zeros(len(data), dtype=torch.float32)
+    for examples, _, _ in batches:
+        for (idx, _), right in zip(examples, evaluate_batch(model, tokenizer, data, device, task_meta, examples)):
+            correct[idx] = float(right)
     if world_size > 1:
+        correct = correct.to(device)
         dist.barrier()
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
     return correct.mean().item()

@@ -119,8 +119,8 @@ class KVCache:
             self.visible = (self.positions <= self.pos_tensor).view(1, -1)  # (1, capacity): what this token may see
             return cos.index_select(1, at), sin.index_select(1, at)
         if self.pos + T > cos.size(1):
-            raise ValueError(f"positions up to {self.pos + T} exceed the rotary table ({cos.size(1)} = 10 x sequence_len); "
-                             "use a larger sequence_len in GPTConfig")
+            raise ValueError(f"positions up to {self.pos + T} exceed the rotary table ({cos.size(1)} = 10 x "
+                             "sequence_len); use a larger sequence_len in GPTConfig")
         return cos[:, self.pos:self.pos + T], sin[:, self.pos:self.pos + T]
 
     def attend(self, layer_idx, q, k, v):
@@ -141,7 +141,8 @@ class KVCache:
             at = self.pos_tensor.view(1)
             self.k[layer_idx].index_copy_(2, at, k)
             self.v[layer_idx].index_copy_(2, at, v)
-            y = F.scaled_dot_product_attention(q, self.k[layer_idx], self.v[layer_idx], attn_mask=self.visible, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, self.k[layer_idx], self.v[layer_idx], attn_mask=self.visible,
+                                               enable_gqa=gqa)
             if last_layer:
                 self.pos_tensor += 1  # the host-side self.pos is advanced by whoever runs the step
             return y

@@ -36,7 +36,7 @@ model_tag = ""  # checkpoint folder under base_checkpoints (empty = the largest 
 step = -1  # checkpoint step (-1 = the last one saved)
 # Runtime
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
-dtype = "auto"  # auto|float32|bfloat16: auto decodes in bf16 where that was measured faster (hardware.choose_decode_dtype)
+dtype = "auto"  # auto|float32|bfloat16: auto = bf16 where it decodes measurably faster (hardware.choose_decode_dtype)
 configure(globals(), __file__)
 # -----------------------------------------------------------------------------
 

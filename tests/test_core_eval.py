@@ -155,6 +155,53 @@ def test_evaluate_task_accuracy():
     assert evaluate_task(model, CharTokenizer(), data, "cpu", MC_META) == 0.75
 
 
+class AllLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, idx):
+        return self.inner(idx)
+
+
+def test_batched_examples_score_as_one_at_a_time():
+    # a real (small, random) GPT: padding on the right, other examples in the same forward pass, and
+    # computing logits at the scored positions only change no decision
+    from nanochat.gpt import GPTConfig, build_gpt
+    from nanochat.core_eval import evaluate_batch, prepare_example
+
+    torch.manual_seed(0)
+    model = build_gpt(GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0.0, 2.0 / math.sqrt(p.size(1)))
+    model.eval()
+    rng = random.Random(0)
+    words = ["cat", "dog", "sun", "rain", "blue", "tree", "stone", "river", "cloud", "apple pie"]
+    tasks = {
+        "multiple_choice": [{"query": " ".join(rng.choices(words, k=rng.randint(1, 6))),
+                             "choices": rng.sample(words, 3), "gold": rng.randint(0, 2)} for _ in range(12)],
+        "schema": [{"context_options": [" ".join(rng.choices(words, k=rng.randint(1, 5))) for _ in range(2)],
+                    "continuation": rng.choice(words), "gold": rng.randint(0, 1)} for _ in range(12)],
+        "language_modeling": [{"context": " ".join(rng.choices(words, k=rng.randint(1, 5))), "continuation": "a"}
+                              for _ in range(12)],
+    }
+    for task_type, data in tasks.items():
+        meta = {"task_type": task_type, "num_fewshot": 2, "continuation_delimiter": " "}
+        alone = [evaluate_example(i, model, CharTokenizer(), data, "cpu", meta) for i in range(len(data))]
+        # the logits of every position (a wrapper hides lm_head from logits_only_at) give the same decisions
+        every_position = [evaluate_example(i, AllLogits(model), CharTokenizer(), data, "cpu", meta)
+                          for i in range(len(data))]
+        assert every_position == alone
+        examples = [(i, prepare_example(i, model, CharTokenizer(), data, meta)) for i in range(len(data))]
+        assert evaluate_batch(model, CharTokenizer(), data, "cpu", meta, examples) == alone
+        assert len(set(alone)) == 2 or task_type == "language_modeling"  # the decisions are not all alike
+        for batch_tokens in (1, 200, 10 ** 6):  # one example per forward, a few, all in one
+            accuracy = evaluate_task(model, CharTokenizer(), data, "cpu", meta, batch_tokens)
+            assert accuracy == pytest.approx(sum(alone) / len(data))
+
+
 def _task_worker(rank, world_size, init_file, queue):
     import torch.distributed as dist
 

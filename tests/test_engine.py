@@ -280,7 +280,8 @@ def test_compiled_decode_matches_eager(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompt = tokenizer.encode("abc")
     eager = _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
-    compiled = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    compiled = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12,
+                        temperature=0.0)
     assert compiled == eager
 
 
@@ -293,7 +294,8 @@ def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypat
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(engine_module, "compiled_decode_forward", lambda: broken)
     prompt = tokenizer.encode("abc")
-    got = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    got = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12,
+                   temperature=0.0)
     assert got == _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
     assert "decoding uncompiled" in capsys.readouterr().out
 

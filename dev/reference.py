@@ -1,0 +1,47 @@
+"""
+The reference nanochat (karpathy/nanochat at f37d45c), loaded next to ours in one process for A/B
+benchmarks: its modules are loaded under the names ref_<module>, and their `from nanochat.x import`
+lines are pointed at ref_x, so nothing of ours is shadowed. Nothing here is needed to run nanochat.
+"""
+
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+
+
+def load_reference(ref_dir, *names):
+    """The reference's modules `names` (e.g. "gpt", "engine", "core_eval"), with what they import."""
+    if not ref_dir or not os.path.isfile(os.path.join(ref_dir, "nanochat", "gpt.py")):
+        raise SystemExit(f"reference={ref_dir!r} is not a checkout of the reference nanochat (no nanochat/gpt.py there): "
+                         "pass the path of a clone of karpathy/nanochat at f37d45c, or leave it empty to skip it")
+    sys.modules.setdefault("ref_checkpoint_manager", types.SimpleNamespace(load_model=None))  # only __main__ uses it
+
+    def load(name):
+        if f"ref_{name}" in sys.modules:
+            return sys.modules[f"ref_{name}"]
+        spec = importlib.util.spec_from_file_location(f"ref_{name}", os.path.join(ref_dir, "nanochat", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"ref_{name}"] = module
+        source = open(spec.origin, encoding="utf-8").read()
+        for dep in ("common", "muon", "adamw", "gpt", "checkpoint_manager"):
+            source = source.replace(f"from nanochat.{dep} import", f"from ref_{dep} import")
+        exec(compile(source, spec.origin, "exec"), module.__dict__)
+        return module
+
+    for dep in ("common", "muon", "adamw"):
+        load(dep)
+    return [load(name) for name in names]
+
+
+def reference_model(ref_gpt, model):
+    """The reference's GPT with the same config and weights as our model (our state_dict loads into it)."""
+    fields = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+    with torch.device("meta"):
+        ref_model = ref_gpt.GPT(ref_gpt.GPTConfig(**{k: getattr(model.config, k) for k in fields}))
+    ref_model.to_empty(device=model.get_device())
+    ref_model.init_weights()  # its rotary tables; the weights come next
+    ref_model.load_state_dict(model.state_dict(), strict=True)
+    return ref_model.eval()
