@@ -43,7 +43,7 @@ max_tokens = 128  # new tokens per sample in the throughput runs
 prompt_len = 16  # prompt tokens in the throughput runs
 ttft_prompt_len = 500  # prompt tokens of the time-to-first-token runs (0 = skip them)
 repeats = 5  # timed rounds, every contender once per round in turn (tok/s: its fastest; ratio: median of rounds)
-dtypes = ""  # ours: float32, bfloat16, auto (= hardware.choose_decode_dtype); "" = float32,auto on CPU, else auto
+dtypes = "float32,auto"  # our Engine's decode dtypes: float32, bfloat16, auto (= hardware.choose_decode_dtype)
 modes = ""  # our decode modes, comma separated: eager, compile, cuda_graph ("" = the Engine's default)
 reference = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c) to time as baseline
 # Runtime
@@ -113,7 +113,7 @@ def main():
                 yield from ref.generate(tokens, num_samples=n, max_tokens=num_tokens, temperature=0.0)
 
         contenders["reference" + (" (bf16 autocast)" if ref_bf16 else " (fp32)")] = run_reference
-    for dtype_name in (dtypes or ("float32,auto" if device.type == "cpu" else "auto")).split(","):
+    for dtype_name in dtypes.split(","):
         dtype = hardware.choose_decode_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)
         for mode in (modes.split(",") if modes else [None]):
             engine = Engine(model, tokenizer, dtype=dtype, decode_mode=mode)
