@@ -231,6 +231,57 @@ def evaluate_batch(model, tokenizer, data, device, task_meta, examples):
     return results
 
 
+def shares_a_long_prefix(model, tokens, starts, ends, min_saved_tokens=256):
+    """Whether shared_prefix_choice pays for this example: a GPT (it needs the KV cache), a prefix common to all
+    sequences and at least one token after it in each, and min_saved_tokens fewer tokens to run than with the
+    whole sequences (one forward pass costs about a few hundred tokens of a small model's compute on a CPU)."""
+    from nanochat.gpt import GPT
+
+    start = starts[0]
+    return (isinstance(model, GPT) and all(s == start for s in starts) and all(end > start for end in ends)
+            and all(seq[:start] == tokens[0][:start] for seq in tokens)
+            and start * (len(tokens) - 1) >= min_saved_tokens)
+
+
+@torch.no_grad()
+def shared_prefix_choice(model, tokenizer, device, tokens, start, ends):
+    """
+    The choice with the lowest mean loss of a multiple-choice example whose sequences share their first
+    `start` tokens (the few-shot examples and the question): those run once, batch 1, into a KV cache,
+    then every choice's continuation runs on top of it in one batch. The first scored token of each
+    choice is predicted by the last shared position.
+    """
+    from nanochat.engine import KVCache  # only GPTs take this path
+
+    config = model.config
+    shape = dict(num_heads=config.n_kv_head, seq_len=max(len(seq) for seq in tokens),
+                 head_dim=config.n_embd // config.n_head, num_layers=config.n_layer)
+    prefix_cache = KVCache(1, **shape)
+    last = torch.tensor([0], device=device), torch.tensor([start - 1], device=device)
+    with logits_only_at(model, *last) as picked:
+        logits = model(torch.tensor([tokens[0][:start]], device=device), kv_cache=prefix_cache)
+    first = (logits if picked else logits[last])[0]  # (V,): predicts the first token of every continuation
+    cache = KVCache(len(tokens), **shape)
+    cache.prefill(prefix_cache)
+    continuations = pad_right([seq[start:] for seq in tokens], tokenizer.get_bos_token_id()).to(device)  # (n, L)
+    # row r: its first token is scored from `first`, tokens start+1 .. end-1 from its positions 0 .. end-start-2
+    at_row = torch.cat([torch.full((end - start - 1,), row) for row, end in enumerate(ends)]).to(device)
+    at_pos = torch.cat([torch.arange(end - start - 1) for end in ends]).to(device)
+    with logits_only_at(model, at_row, at_pos) as picked:
+        logits = model(continuations, kv_cache=cache)
+    rest = logits if picked else logits[at_row, at_pos]  # (N, V)
+    mean_losses = []
+    offset = 0
+    for row, end in enumerate(ends):
+        n = end - start - 1
+        scored = torch.cat([first[None], rest[offset:offset + n]])  # (end - start, V)
+        targets = torch.tensor(tokens[row][start:end], device=device)
+        mean_losses.append(torch.nn.functional.cross_entropy(scored, targets, reduction="none").mean())
+        offset += n
+    mean_losses = torch.stack(mean_losses).tolist()
+    return min(range(len(mean_losses)), key=lambda c: mean_losses[c])  # the first lowest on ties, as min does
+
+
 def evaluate_example(idx, model, tokenizer, data, device, task_meta):
     """True if the model gets data[idx] right (one example in its own forward pass, as the reference does)."""
     example = (idx, prepare_example(idx, model, tokenizer, data, task_meta))
@@ -241,23 +292,29 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
     """
     Accuracy over the examples of one task. task_meta: task_type, num_fewshot, continuation_delimiter.
     Examples go through the model in batches of about batch_tokens tokens (padding included; at least one
-    example per batch), similar lengths together. Under torchrun, rank r takes examples r, r+world, ...;
-    results are summed over ranks.
+    example per batch), similar lengths together, except multiple-choice examples with a long shared
+    prefix (shared_prefix_choice). Under torchrun, rank r takes examples r, r+world, ...; results are
+    summed over ranks.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     mine = [(idx, prepare_example(idx, model, tokenizer, data, task_meta))
             for idx in range(rank, len(data), world_size)]
     mine.sort(key=lambda example: max(len(seq) for seq in example[1][0]))  # similar lengths together: less padding
+    correct = torch.zeros(len(data), dtype=torch.float32)
     batches = []  # (examples, rows, longest row)
     for example in mine:
+        idx, (tokens, starts, ends) = example
+        if task_meta["task_type"] == "multiple_choice" and shares_a_long_prefix(model, tokens, starts, ends):
+            choice = shared_prefix_choice(model, tokenizer, device, tokens, starts[0], ends)
+            correct[idx] = float(choice == data[idx]["gold"])
+            continue
         rows, longest = len(example[1][0]), max(len(seq) for seq in example[1][0])
         if batches and (batches[-1][1] + rows) * max(batches[-1][2], longest) <= batch_tokens:
             examples, batch_rows, batch_longest = batches[-1]
             batches[-1] = (examples + [example], batch_rows + rows, max(batch_longest, longest))
         else:
             batches.append(([example], rows, longest))
-    correct = torch.zeros(len(data), dtype=torch.float32)
     for examples, _, _ in batches:
         for (idx, _), right in zip(examples, evaluate_batch(model, tokenizer, data, device, task_meta, examples)):
             correct[idx] = float(right)

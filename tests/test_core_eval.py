@@ -166,9 +166,9 @@ class AllLogits(torch.nn.Module):
 
 def test_batched_examples_score_as_one_at_a_time():
     # a real (small, random) GPT: padding on the right, other examples in the same forward pass, and
-    # computing logits at the scored positions only change no decision
+    # computing logits at the scored positions only, and running a shared prefix once change no decision
     from nanochat.gpt import GPTConfig, build_gpt
-    from nanochat.core_eval import evaluate_batch, prepare_example
+    from nanochat.core_eval import evaluate_batch, prepare_example, shared_prefix_choice
 
     torch.manual_seed(0)
     model = build_gpt(GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
@@ -197,6 +197,10 @@ def test_batched_examples_score_as_one_at_a_time():
         examples = [(i, prepare_example(i, model, CharTokenizer(), data, meta)) for i in range(len(data))]
         assert evaluate_batch(model, CharTokenizer(), data, "cpu", meta, examples) == alone
         assert len(set(alone)) == 2 or task_type == "language_modeling"  # the decisions are not all alike
+        if task_type == "multiple_choice":  # the shared prefix once, then the choices on a KV cache
+            for i, (tokens, starts, ends) in examples:
+                chosen = shared_prefix_choice(model, CharTokenizer(), "cpu", tokens, starts[0], ends)
+                assert (chosen == data[i]["gold"]) == alone[i]
         for batch_tokens in (1, 200, 10 ** 6):  # one example per forward, a few, all in one
             accuracy = evaluate_task(model, CharTokenizer(), data, "cpu", meta, batch_tokens)
             assert accuracy == pytest.approx(sum(alone) / len(data))
