@@ -4,9 +4,9 @@ against the reference nanochat's (one example per forward pass) on the same weig
 by task in one process, taking turns (which one goes first alternates), so that load from other
 processes hits both alike. Accuracies must come out equal; the script says where they do not.
 
-    python -m dev.bench_core --reference=/path/to/reference/nanochat --max_per_task=40
-    python -m dev.bench_core --reference= --max_per_task=-1          # ours only, the whole bundle
-    python -m dev.bench_core --device_type=cuda --reference=...       # under bf16 autocast, as base_eval runs there
+    python -m dev.bench_core --ref_dir=/path/to/reference/nanochat --max_per_task=40
+    python -m dev.bench_core --ref_dir= --max_per_task=-1          # ours only, the whole bundle
+    python -m dev.bench_core --device_type=cuda --ref_dir=...       # under bf16 autocast, as base_eval runs there
 
 The model is a base checkpoint from $NANOCHAT_BASE_DIR (the largest, or --model_tag); the bundle is
 <base>/eval_bundle, fetched from NANOCHAT_EVAL_BUNDLE_URL if missing (see nanochat/core_eval.py).
@@ -31,7 +31,7 @@ model_tag = ""  # checkpoint folder under base_checkpoints ("" = the largest mod
 step = -1  # checkpoint step (-1 = the last one saved)
 max_per_task = 40  # examples per task after the fixed shuffle (-1 = all)
 tasks = ""  # comma-separated task labels to time ("" = every task of the bundle)
-reference = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c); "" = ours only
+ref_dir = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c); "" = ours only
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
 threads = 0  # torch CPU threads (0 = torch's default)
 configure(globals(), __file__)
@@ -46,8 +46,8 @@ def main():
                                         step=None if step < 0 else step)
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     contenders = {"ours": lambda data, task_meta: evaluate_task(model, tokenizer, data, device, task_meta)}
-    if reference:
-        ref_gpt, ref_core = load_reference(reference, "gpt", "core_eval")
+    if ref_dir:
+        ref_gpt, ref_core = load_reference(ref_dir, "gpt", "core_eval")
         ref_model = reference_model(ref_gpt, model)
         contenders["reference"] = lambda data, task_meta: ref_core.evaluate_task(ref_model, tokenizer, data, device,
                                                                                  task_meta)
@@ -58,7 +58,7 @@ def main():
           f"load average {os.getloadavg()[0]:.1f}; {max_per_task} examples per task")
     names = list(contenders)
     print(f"{'task':<34} {'n':>5} " + " ".join(f"{name + ' s':>12}" for name in names)
-          + (f" {'speedup':>8}  accuracies" if reference else "  accuracy"))
+          + (f" {'speedup':>8}  accuracies" if ref_dir else "  accuracy"))
     totals = {name: 0.0 for name in names}
     mismatches = []
     for i, task in enumerate(bundle_tasks):
@@ -73,7 +73,7 @@ def main():
             seconds[name] = time.perf_counter() - t0
             totals[name] += seconds[name]
         line = f"{task['label']:<34} {len(data):>5} " + " ".join(f"{seconds[name]:>12.1f}" for name in names)
-        if reference:
+        if ref_dir:
             same = accuracy["ours"] == accuracy["reference"]
             if not same:
                 mismatches.append(task["label"])
@@ -83,7 +83,7 @@ def main():
             line += f"  {accuracy['ours']:.4f}"
         print(line, flush=True)
     line = f"{'total':<34} {'':>5} " + " ".join(f"{totals[name]:>12.1f}" for name in names)
-    if reference:
+    if ref_dir:
         line += f" {totals['reference'] / totals['ours']:>7.2f}x  " + (
             "all accuracies equal" if not mismatches else f"accuracies differ: {', '.join(mismatches)}")
     print(line)

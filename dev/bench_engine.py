@@ -4,7 +4,7 @@ Engine in fp32 and in the dtype hardware.choose_decode_dtype picks, against the 
 Engine (karpathy/nanochat at f37d45c) on the same weights, all timed in one process, alternating, so
 that load from other processes hits every contender alike.
 
-    python -m dev.bench_engine --reference=/path/to/reference/nanochat   # or REF_DIR=... in the environment
+    python -m dev.bench_engine --ref_dir=/path/to/reference/nanochat   # or REF_DIR=... in the environment
     python -m dev.bench_engine --model_tag=d8 --batch_sizes=1,8 --max_tokens=256
     python -m dev.bench_engine --device_type=cuda                        # ours only (fp32, bf16 with CUDA graphs)
     python -m dev.bench_engine --modes=eager,compile                     # also time the compiled decode step
@@ -45,7 +45,7 @@ ttft_prompt_len = 500  # prompt tokens of the time-to-first-token runs (0 = skip
 repeats = 5  # timed rounds, every contender once per round in turn (tok/s: its fastest; ratio: median of rounds)
 dtypes = "float32,auto"  # our Engine's decode dtypes: float32, bfloat16, auto (= hardware.choose_decode_dtype)
 modes = ""  # our decode modes, comma separated: eager, compile, cuda_graph ("" = the Engine's default)
-reference = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c) to time as baseline
+ref_dir = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c) to time as baseline
 # Runtime
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
 threads = 0  # torch CPU threads (0 = torch's default)
@@ -103,8 +103,8 @@ def main():
     # Contenders: name -> generate(tokens, num_samples, max_tokens) yielding columns
     contenders = {}
     fp32_contenders = []  # ours in fp32: greedy tokens comparable with the naive full forward
-    if reference:
-        ref_gpt, ref_engine = load_reference(reference, "gpt", "engine")
+    if ref_dir:
+        ref_gpt, ref_engine = load_reference(ref_dir, "gpt", "engine")
         ref = ref_engine.Engine(reference_model(ref_gpt, model), tokenizer)
         ref_bf16 = device.type == "cuda"  # the reference decodes under bf16 autocast on CUDA, in fp32 elsewhere
 

@@ -15,7 +15,7 @@ import torch
 def load_reference(ref_dir, *names):
     """The reference's modules `names` (e.g. "gpt", "engine", "core_eval"), with what they import."""
     if not ref_dir or not os.path.isfile(os.path.join(ref_dir, "nanochat", "gpt.py")):
-        raise SystemExit(f"reference={ref_dir!r} is not a checkout of the reference nanochat (no nanochat/gpt.py there): "
+        raise SystemExit(f"ref_dir={ref_dir!r} is not a checkout of the reference nanochat (no nanochat/gpt.py there): "
                          "pass the path of a clone of karpathy/nanochat at f37d45c, or leave it empty to skip it")
     sys.modules.setdefault("ref_checkpoint_manager", types.SimpleNamespace(load_model=None))  # only __main__ uses it
 

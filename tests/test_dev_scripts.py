@@ -1,6 +1,7 @@
 """
 The measuring scripts in dev/ run end to end at toy size (their numbers are not checked, only that
-they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss) and dev/profile_step.py.
+they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss), dev/profile_step.py and
+dev/bench_engine.py (decode speed; without the reference).
 """
 
 import os
@@ -36,3 +37,13 @@ def test_profile_step_prints_the_breakdown():
     out = run("dev.profile_step", "--compile=false", "--warmup=1", "--steps=1", "--dtype=float32")
     for kind in ("matmul", "attention", "elementwise", "optimizer", "MFU"):
         assert kind in out
+
+
+def test_bench_engine_times_fp32_and_auto_without_the_reference(tmp_path):
+    # a random depth-1 model (no checkpoint in an empty base dir); the greedy tokens are checked against naive decoding
+    result = subprocess.run([sys.executable, "-m", "dev.bench_engine", "--depth=1", "--max_tokens=4", "--repeats=1",
+                             "--batch_sizes=1,2", "--ttft_prompt_len=8", "--ref_dir=", "--threads=1"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "naive full forward: True" in result.stdout and "Time to first token" in result.stdout
