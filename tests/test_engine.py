@@ -317,6 +317,21 @@ def test_bf16_decode_follows_the_model(model_and_tokenizer):
                            torch.nn.functional.linear(x, w.bfloat16()))
 
 
+def test_cpu_decode_picks_its_threads_and_gives_them_back(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("the dog")
+    torch.set_num_threads(2)  # the module fixture runs single-threaded; the choice needs more than one
+    try:
+        got = _columns(engine, prompt, max_tokens=12, temperature=0.0)
+        assert torch.get_num_threads() == 2  # restored after every step
+        assert got == [_naive_decode(model, prompt, 12)]
+        trials = engine._weights.thread_trials[1]
+        assert set(trials) == {1, 2} and all(len(times) == 3 for times in trials.values())  # 6 trial steps, then fixed
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_engine_sees_weights_change(model_and_tokenizer):
     # the Engine keeps decode weights between calls; training the model in between must not leave them stale
     model, tokenizer = model_and_tokenizer
