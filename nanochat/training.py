@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat import hardware
 from nanochat.common import atomic_write, print0
 
 
@@ -124,6 +125,16 @@ class StopRequest:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag)
         return flag.item() > 0
+
+
+def use_bf16_autocast(dtype, saved_precision, device):
+    """Train under bf16 autocast? dtype is the script's setting (auto|float32|bfloat16); with auto a resumed run
+    keeps the choice it measured (exact continuation), a new one measures (CUDA, CPUs with fast native bf16)."""
+    if dtype == "auto" and "autocast" in saved_precision:
+        return saved_precision["autocast"] == "bfloat16"
+    if dtype == "auto":
+        return hardware.choose_autocast_dtype(device) == torch.bfloat16
+    return dtype == "bfloat16"
 
 
 def muon_momentum(step):

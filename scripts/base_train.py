@@ -31,7 +31,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core, ensure_eval_bundle
 from nanochat.engine import SAMPLE_PROMPTS, greedy_sample
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
-                               muon_momentum)
+                               muon_momentum, use_bf16_autocast)
 from nanochat.report import get_report
 from nanochat import hardware
 
@@ -219,12 +219,7 @@ if resuming:
 
 # Precision and compilation, chosen per device
 saved_precision = meta_data["loop_state"].get("precision", {}) if resuming else {}
-if dtype == "auto" and "autocast" in saved_precision:
-    use_bf16 = saved_precision["autocast"] == "bfloat16"  # the resumed run's measured choice: exact continuation
-elif dtype == "auto":
-    use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16  # CUDA; CPUs with fast native bf16 (measured)
-else:
-    use_bf16 = dtype == "bfloat16"
+use_bf16 = use_bf16_autocast(dtype, saved_precision, device)
 autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 # MFU is measured against the device's peak (datasheet on known GPUs; on CPU a matmul benchmark, run once now)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size

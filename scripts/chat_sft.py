@@ -31,7 +31,8 @@ from nanochat.chat_dataloader import sft_loader
 from nanochat.dataloader import gather_loader_state
 from nanochat.chat_eval import run_chat_eval
 from nanochat.engine import Engine
-from nanochat.training import capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest
+from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
+                               use_bf16_autocast)
 from nanochat.report import get_report
 from nanochat import hardware
 from tasks.common import TaskMixture
@@ -160,12 +161,7 @@ if dry_run:
 
 # Precision (a resumed run keeps its choice); no torch.compile: every batch has another length
 saved_precision = meta_data["loop_state"].get("precision", {}) if resuming else {}
-if dtype == "auto" and "autocast" in saved_precision:
-    use_bf16 = saved_precision["autocast"] == "bfloat16"
-elif dtype == "auto":
-    use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16
-else:
-    use_bf16 = dtype == "bfloat16"
+use_bf16 = use_bf16_autocast(dtype, saved_precision, device)
 autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
 print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | peak FLOP/s for MFU: {peak_flops:.3e}")

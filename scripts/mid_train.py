@@ -33,7 +33,7 @@ from nanochat.chat_dataloader import packed_conversation_loader
 from nanochat.dataloader import gather_loader_state
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
-                               muon_momentum)
+                               muon_momentum, use_bf16_autocast)
 from nanochat.report import get_report
 from nanochat import hardware
 from tasks.common import TaskMixture
@@ -177,12 +177,7 @@ if dry_run:
 
 # Precision and compilation, chosen per device (a resumed run keeps its choices: exact continuation)
 saved_precision = meta_data["loop_state"].get("precision", {}) if resuming else {}
-if dtype == "auto" and "autocast" in saved_precision:
-    use_bf16 = saved_precision["autocast"] == "bfloat16"
-elif dtype == "auto":
-    use_bf16 = hardware.choose_autocast_dtype(device) == torch.bfloat16
-else:
-    use_bf16 = dtype == "bfloat16"
+use_bf16 = use_bf16_autocast(dtype, saved_precision, device)
 autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
 if compile == "auto":
