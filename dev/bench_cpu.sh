@@ -9,9 +9,10 @@
 #   STEPS=20 bash dev/bench_cpu.sh REF_DIR            # quicker look
 #   EXTRA="--dtype=float32" bash dev/bench_cpu.sh REF_DIR   # extra settings for our run only
 #   AB_STEPS=0 bash dev/bench_cpu.sh REF_DIR          # skip the in-process A/B at the end
+#   UPSTREAM_DIR=/path/to/upstream bash dev/bench_cpu.sh REF_DIR   # A/B also against upstream's bf16 mode
 #
 # On a shared machine the two sequential runs see different background load; the last part (an
-# in-process A/B of the two training steps, interleaved step by step) gives a ratio that load hits alike.
+# in-process A/B of the training steps, interleaved step by step) gives a ratio that load hits alike.
 #
 # Data: wherever NANOCHAT_DATA_URL points (a file:// copy of the shards avoids the download).
 set -euo pipefail
@@ -95,75 +96,11 @@ print(f"ratio ours/reference: tok/s {ours['tok_per_sec'] / ref['tok_per_sec']:.2
 print(f"(tok/s: mean step time of steps >= {warmup}; logs in {__import__('os').path.dirname(ours_log)})")
 EOF
 
-# 5) in-process A/B: the same training step (model fwd/bwd, clip, both optimizers) of the reference and ours,
-# interleaved, so background load hits both alike. The reference's modules are loaded under other names.
+# 5) in-process A/B: one training step of each, interleaved, so background load hits all alike
+# (dev/bench_train_ab.py; with UPSTREAM_DIR set, upstream nanochat's bf16 mode too)
 AB_STEPS="${AB_STEPS:-10}"
 if [ "$AB_STEPS" -gt 0 ]; then
-echo
-echo "== in-process A/B, depth 4, batch 8 x 512, $AB_STEPS interleaved steps each"
-REF_DIR="$REF_DIR" AB_STEPS="$AB_STEPS" "$PY" - <<'EOF'
-"""In-process A/B: the reference's model+optimizers as its base_train runs them on CPU (torch.compile, fp32
-matmuls) against ours (as chosen by our base_train), interleaved step by step so machine load hits both alike."""
-import importlib.util, os, sys, time, statistics
-import torch
-REF = os.environ["REF_DIR"]
-
-def load_ref(name):
-    # the reference's module under another name; its `from nanochat.x import` lines resolve to ref_x modules
-    spec = importlib.util.spec_from_file_location(f"ref_{name}", f"{REF}/nanochat/{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[f"ref_{name}"] = mod
-    src = open(spec.origin).read()
-    for dep in ("common", "muon", "adamw"):
-        src = src.replace(f"from nanochat.{dep} import", f"from ref_{dep} import")
-    exec(compile(src, spec.origin, "exec"), mod.__dict__)
-    return mod
-
-for dep in ("common", "muon", "adamw"):
-    load_ref(dep)
-ref_gpt = load_ref("gpt")
-from nanochat import gpt as our_gpt, hardware
-
-V, T, B, D = 8192, 512, 8, 4
-def build(gpt_mod):
-    torch.manual_seed(42)
-    cfg = gpt_mod.GPTConfig(sequence_len=T, vocab_size=V, n_layer=D, n_head=2, n_kv_head=2, n_embd=64 * D)
-    with torch.device("meta"):
-        m = gpt_mod.GPT(cfg)
-    m.to_empty(device="cpu"); m.init_weights()
-    return m, m.setup_optimizers(), torch.compile(m, dynamic=False)
-
-ref_model, ref_opts, ref_c = build(ref_gpt)
-our_model, our_opts, our_c = build(our_gpt)
-our_bf16 = hardware.choose_autocast_dtype("cpu") == torch.bfloat16
-g = torch.Generator().manual_seed(0)
-batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)) for _ in range(4)]
-
-def step(model, compiled, opts, bf16, i):
-    x, y = batches[i % 4]
-    t0 = time.perf_counter()
-    with torch.amp.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = compiled(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    for o in opts: o.step()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0, loss.item()
-
-n = int(os.environ.get("AB_STEPS", 8))
-for who in ("ref", "ours"):  # compile + warm-up
-    t0 = time.perf_counter()
-    for i in range(2):
-        step(*((ref_model, ref_c, ref_opts, False) if who == "ref" else (our_model, our_c, our_opts, our_bf16)), i)
-    print(f"{who}: compile + 2 warm-up steps {time.perf_counter() - t0:.1f}s", flush=True)
-times = {"ref": [], "ours": []}
-for i in range(n):
-    times["ref"].append(step(ref_model, ref_c, ref_opts, False, i)[0])
-    times["ours"].append(step(our_model, our_c, our_opts, our_bf16, i)[0])
-r, o = statistics.median(times["ref"]), statistics.median(times["ours"])
-print(f"step time median: reference {r*1000:.0f} ms ({B*T/r:,.0f} tok/s) | "
-      f"ours {o*1000:.0f} ms ({B*T/o:,.0f} tok/s, {'bf16' if our_bf16 else 'fp32'})")
-paired = sorted(round(a / b, 2) for a, b in zip(times["ref"], times["ours"]))
-print(f"ratio ours/reference tok/s: {r/o:.2f}x   (paired per-step ratios: {paired})")
-EOF
+    echo
+    echo "== in-process A/B, depth 4, batch 8 x 512, $AB_STEPS interleaved steps each"
+    "$PY" -m dev.bench_train_ab --ref_dir="$REF_DIR" --upstream_dir="${UPSTREAM_DIR:-}" --steps="$AB_STEPS"
 fi

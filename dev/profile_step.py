@@ -8,10 +8,10 @@ optimizer (ms per step and % of the step) and the largest ops outside the matmul
     python -m dev.profile_step --dtype=float32    # the fp32 path
     python -m dev.profile_step --top=30           # more of the op list
 
-Categories, by self time of the profiled ops: matmul = mm/addmm/bmm/linear kernels (in the forward,
-backward and Newton-Schulz); attention = the SDPA kernels; optimizer = everything inside the
-optimizers' step() apart from matmuls; elementwise = the rest of forward+backward (the compiled
-graphs' fused kernels, copies, norms, the loss, clipping).
+Categories, by self time of the profiled ops: matmul = mm/addmm/linear kernels (forward, backward and
+Newton-Schulz); attention = the SDPA kernels, or the explicit route's bmm and softmax kernels;
+optimizer = everything inside the optimizers' step() apart from matmuls; elementwise = the rest of
+forward+backward (the compiled graphs' fused kernels, copies, norms, the loss, clipping).
 """
 
 # Model and batch: the shapes of dev/bench_cpu.sh
@@ -34,14 +34,15 @@ from contextlib import nullcontext
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
               "mkldnn::_linear_pointwise", "aten::_addmm_activation", "mkl::_mkl_linear", "onednn::")
-ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+# SDPA's kernels, or on the explicit route (gpt.causal_attention) its batched matmuls and fused softmax kernels
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention", "_softmax")
 
 
-def category(name):
+def category(name, phase):
+    if phase != "optimizer" and (name in ("aten::bmm", "aten::baddbmm") or any(op in name for op in ATTENTION_OPS)):
+        return "attention"
     if any(name.startswith(op) or op in name for op in MATMUL_OPS):
         return "matmul"
-    if any(op in name for op in ATTENTION_OPS):
-        return "attention"
     return "other"
 
 
@@ -114,7 +115,7 @@ def main():
         phase = phase_of(e) if self_us > 0 else None
         if phase is None:
             continue
-        kind = category(e.name)
+        kind = category(e.name, phase)
         if kind == "other":
             kind = "optimizer" if phase == "optimizer" else "elementwise"
         totals[kind] += self_us / 1000

@@ -12,28 +12,35 @@ import types
 import torch
 
 
+def load_checkout(root, prefix, deps, names):
+    """
+    Modules `names` of another nanochat checkout at root, loaded as <prefix><name>; its `from nanochat.x
+    import` lines are pointed at <prefix>x, and the modules `deps` are loaded first.
+    """
+    def load(name):
+        if f"{prefix}{name}" in sys.modules:
+            return sys.modules[f"{prefix}{name}"]
+        spec = importlib.util.spec_from_file_location(f"{prefix}{name}", os.path.join(root, "nanochat", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"{prefix}{name}"] = module
+        source = open(spec.origin, encoding="utf-8").read()
+        for dep in set(deps) | set(names) | {"gpt", "checkpoint_manager"}:
+            source = source.replace(f"from nanochat.{dep} import", f"from {prefix}{dep} import")
+        exec(compile(source, spec.origin, "exec"), module.__dict__)
+        return module
+
+    for dep in deps:
+        load(dep)
+    return [load(name) for name in names]
+
+
 def load_reference(ref_dir, *names):
     """The reference's modules `names` (e.g. "gpt", "engine", "core_eval"), with what they import."""
     if not ref_dir or not os.path.isfile(os.path.join(ref_dir, "nanochat", "gpt.py")):
         raise SystemExit(f"ref_dir={ref_dir!r} is not a checkout of the reference nanochat (no nanochat/gpt.py there): "
                          "pass the path of a clone of karpathy/nanochat at f37d45c, or leave it empty to skip it")
     sys.modules.setdefault("ref_checkpoint_manager", types.SimpleNamespace(load_model=None))  # only __main__ uses it
-
-    def load(name):
-        if f"ref_{name}" in sys.modules:
-            return sys.modules[f"ref_{name}"]
-        spec = importlib.util.spec_from_file_location(f"ref_{name}", os.path.join(ref_dir, "nanochat", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"ref_{name}"] = module
-        source = open(spec.origin, encoding="utf-8").read()
-        for dep in ("common", "muon", "adamw", "gpt", "checkpoint_manager"):
-            source = source.replace(f"from nanochat.{dep} import", f"from ref_{dep} import")
-        exec(compile(source, spec.origin, "exec"), module.__dict__)
-        return module
-
-    for dep in ("common", "muon", "adamw"):
-        load(dep)
-    return [load(name) for name in names]
+    return load_checkout(ref_dir, "ref_", ("common", "muon", "adamw"), names)
 
 
 def reference_model(ref_gpt, model):

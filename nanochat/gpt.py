@@ -175,6 +175,28 @@ def softcap_cross_entropy(x, weight, targets, softcap, reduction="mean"):
         return losses.sum() / (targets >= 0).sum() if reduction == "mean" else losses.sum()
 
 
+# On CPU, causal attention in bf16 over short sequences runs twice as fast as plain matmuls and a softmax
+# (compiled: one fused mask + softmax kernel) than through SDPA's CPU flash kernel: 18 vs 34 ms forward +
+# backward per layer at 8 x 2 heads x 512 x 128, with errors against fp64 alike (dev/profile_step.py).
+# It holds the (B, H, T, T) scores, so larger problems, fp32 (the reference's numerics) and GPUs use SDPA.
+EXPLICIT_ATTENTION_MAX_SCORES = 2 ** 24  # 64 MB of fp32 scores per layer
+
+
+def causal_attention(q, k, v, enable_gqa):
+    """Causal self-attention of q (B, H, T, D) over k, v (B, H_kv, T, D): SDPA's result, by the fastest route."""
+    B, H, T, D = q.shape
+    explicit = (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.dtype == v.dtype == torch.bfloat16
+                and B * H * T * T <= EXPLICIT_ATTENTION_MAX_SCORES)
+    if not explicit:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    if enable_gqa:  # each key/value head serves H / H_kv consecutive query heads
+        k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() * D ** -0.5  # (B, H, T, T); the softmax in fp32
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return weights.to(v.dtype) @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -201,7 +223,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
+            y = causal_attention(q, k, v, enable_gqa=self.n_head != self.n_kv_head)
         else:
             y = kv_cache.attend(self.layer_idx, q, k, v)  # stores k, v; attends over the cached prefix too
 

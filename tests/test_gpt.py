@@ -281,3 +281,52 @@ def test_chunked_loss_under_ddp_gives_the_average_gradient(run_two_ranks):
     expected = (halves[0] + halves[1]) / 2  # DDP averages over ranks
     for rank in range(2):
         assert relative_error(torch.tensor(results[rank]), expected) < 1e-5
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_explicit_cpu_attention_is_as_accurate_as_sdpa_in_bf16(n_kv_head, monkeypatch):
+    from nanochat import gpt
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D = 2, 4, 96, 64
+    # unit-RMS rows, as after the model's QK norm
+    q = F.rms_norm(torch.randn(B, H, T, D, generator=g), (D,))
+    k = F.rms_norm(torch.randn(B, n_kv_head, T, D, generator=g), (D,)) * 3
+    v = torch.randn(B, n_kv_head, T, D, generator=g)
+    grad_out = torch.randn(B, H, T, D, generator=g)
+    gqa = n_kv_head != H
+
+    def run(attention, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs)
+        out.backward(grad_out.to(dtype))
+        return [out.double()] + [t.grad.double() for t in inputs]
+
+    exact = run(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=gqa), torch.float64)
+    sdpa = run(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=gqa), torch.bfloat16)
+    sdpa_calls = []
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1))
+    explicit = run(lambda *t: gpt.causal_attention(*t, enable_gqa=gqa), torch.bfloat16)
+    assert not sdpa_calls  # bf16 on CPU, small: the explicit route
+    for name, e, s, x in zip(("out", "dq", "dk", "dv"), exact, sdpa, explicit):
+        error = lambda a: ((a - e).norm() / e.norm()).item()
+        assert error(x) < 2 * error(s) + 1e-3, f"{name}: explicit {error(x):.2e}, SDPA in bf16 {error(s):.2e}"
+        assert error(x) < 1e-2, name
+
+
+def test_attention_goes_to_sdpa_for_fp32_and_large_problems(monkeypatch):
+    from nanochat import gpt
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    # fp32 (the reference's numerics): exactly SDPA
+    assert torch.equal(gpt.causal_attention(q, k, v, enable_gqa=False),
+                       F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    sdpa_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa_calls.append(1) or real_sdpa(*a, **kw))
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    gpt.causal_attention(qb, kb, vb, enable_gqa=False)
+    assert not sdpa_calls
+    monkeypatch.setattr(gpt, "EXPLICIT_ATTENTION_MAX_SCORES", 2 * 16 * 16 - 1)  # one score too many
+    gpt.causal_attention(qb, kb, vb, enable_gqa=False)
+    assert sdpa_calls == [1]
