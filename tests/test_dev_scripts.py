@@ -1,7 +1,8 @@
 """
 The measuring scripts in dev/ run end to end at toy size (their numbers are not checked, only that
 they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss), dev/profile_step.py and
-dev/bench_engine.py (decode speed; without the reference).
+dev/bench_engine.py (decode speed; without the reference), and how dev/reference.py loads another
+checkout next to ours (dev/bench_train_ab.py says what it needs without one).
 """
 
 import os
@@ -47,3 +48,23 @@ def test_bench_engine_times_fp32_and_auto_without_the_reference(tmp_path):
                             env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "naive full forward: True" in result.stdout and "Time to first token" in result.stdout
+
+
+def test_load_checkout_points_its_imports_at_its_own_modules(tmp_path):
+    # a stand-in checkout whose gpt imports from its own common: loaded next to ours, neither shadows the other
+    package = tmp_path / "nanochat"
+    package.mkdir()
+    (package / "common.py").write_text("WHO = 'other checkout'\n")
+    (package / "gpt.py").write_text("from nanochat.common import WHO\nimport nanochat.common as ours\n")
+    sys.path.insert(0, REPO_ROOT)
+    from dev.reference import load_checkout
+    import nanochat.common
+    (gpt,) = load_checkout(str(tmp_path), "other_", ("common",), ("gpt",))
+    assert gpt.WHO == "other checkout" and sys.modules["other_common"].WHO == "other checkout"
+    assert gpt.ours is nanochat.common and not hasattr(nanochat.common, "WHO")
+
+
+def test_bench_train_ab_says_what_it_needs():
+    result = subprocess.run([sys.executable, "-m", "dev.bench_train_ab", "--ref_dir=/nonexistent"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ, REF_DIR=""))
+    assert result.returncode != 0 and "karpathy/nanochat at f37d45c" in result.stdout + result.stderr
