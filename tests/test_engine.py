@@ -276,13 +276,25 @@ def test_static_decode_form_matches_slices(model_and_tokenizer):
 
 
 @pytest.mark.slow
-def test_compiled_decode_matches_eager(model_and_tokenizer):
+def test_compiled_decode_matches_eager(model_and_tokenizer, capsys):
     model, tokenizer = model_and_tokenizer
     prompt = tokenizer.encode("abc")
     eager = _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
     compiled = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12,
                         temperature=0.0)
+    assert "decoding uncompiled" not in capsys.readouterr().out  # it compiled, no fallback
     assert compiled == eager
+    # a trained model (new weights) recompiles rather than reusing the frozen ones
+    engine = Engine(model, tokenizer, decode_mode="compile")
+    before = _columns(engine, prompt, max_tokens=8, temperature=0.0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight))
+        after = _columns(engine, prompt, max_tokens=8, temperature=0.0)
+        assert after == [_naive_decode(model, prompt, 8)] and after != before
+    finally:
+        model.load_state_dict(saved)
 
 
 def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypatch, capsys):
