@@ -455,7 +455,9 @@ class Engine:
         prefill_cache = KVCache(1, seq_len=capacity, dtype=cache_dtype, device=device, **kv_shape)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != weight_dtype):
-            logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]  # (1, V)
+            # our GPT computes the last position's logits only; another model following the KVCache protocol, all
+            last_only = {"last_only": True} if hasattr(self.model, "transformer") else {}
+            logits = self.model(ids, kv_cache=prefill_cache, **last_only)[:, -1, :]  # (1, V)
         # every row samples its own first token from the shared prompt logits
         logits = logits.expand(num_samples, -1)  # (num_samples, V)
 

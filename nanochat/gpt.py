@@ -340,7 +340,12 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]  # LR schedules multiply this
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        """
+        idx (B, T) -> logits (B, T, vocab) in fp32, or with targets (B, T) the loss. last_only=True returns
+        the logits of the last position only, (B, 1, vocab): all a prefill needs, without the lm_head
+        and soft-cap over the other T - 1 positions (half of a 500-token prefill at depth 4).
+        """
         B, T = idx.size()
         if idx.device != self.cos.device:
             raise ValueError(f"idx is on {idx.device} but the model is on {self.cos.device}; move one of them")
@@ -364,6 +369,8 @@ class GPT(nn.Module):
         if targets is not None:  # the same loss as F.cross_entropy of the logits below, chunk by chunk
             return softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                          softcap, reduction=loss_reduction)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(x)  # (B, T, vocab_size)
         logits = softcap * torch.tanh(logits / softcap)
         return logits.float()  # sampling wants fp32 even under bf16 autocast

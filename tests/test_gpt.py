@@ -330,3 +330,17 @@ def test_attention_goes_to_sdpa_for_fp32_and_large_problems(monkeypatch):
     monkeypatch.setattr(gpt, "EXPLICIT_ATTENTION_MAX_SCORES", 2 * 16 * 16 - 1)  # one score too many
     gpt.causal_attention(qb, kb, vb, enable_gqa=False)
     assert sdpa_calls == [1]
+
+
+def test_last_only_logits_are_the_last_position_of_the_full_forward():
+    model = build(TINY)
+    idx = torch.randint(0, TINY.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_only=True)
+        cache = KVCache(3, TINY.n_kv_head, 32, TINY.n_embd // TINY.n_head, TINY.n_layer)
+        prefill = model(idx, kv_cache=cache, last_only=True)
+    assert last.shape == prefill.shape == (3, 1, TINY.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(prefill, full[:, -1:], rtol=1e-6, atol=1e-6)
+    assert cache.get_pos() == 20  # the cache still holds every position
