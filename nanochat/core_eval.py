@@ -288,13 +288,31 @@ def evaluate_example(idx, model, tokenizer, data, device, task_meta):
     return evaluate_batch(model, tokenizer, data, device, task_meta, [example])[0]
 
 
-def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
+class TaskProgress:
+    """For a long task: how far it has got, by tokens evaluated, every `every` seconds (rank 0), with an ETA."""
+
+    def __init__(self, name, total_tokens, every):
+        self.name, self.total, self.every = name, total_tokens, every
+        self.done = 0
+        self.start = self.last = time.time()
+
+    def advance(self, tokens):
+        self.done += tokens
+        now = time.time()
+        if self.name and now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            eta = (now - self.start) / self.done * (self.total - self.done)
+            print0(f"      {self.name}: {100 * self.done / self.total:.0f}% of its tokens after "
+                   f"{format_seconds(now - self.start)}, eta {format_seconds(eta)}")
+
+
+def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192, name="", progress_every=30.0):
     """
     Accuracy over the examples of one task. task_meta: task_type, num_fewshot, continuation_delimiter.
     Examples go through the model in batches of about batch_tokens tokens (padding included; at least one
     example per batch), similar lengths together, except multiple-choice examples with a long shared
     prefix (shared_prefix_choice). Under torchrun, rank r takes examples r, r+world, ...; results are
-    summed over ranks.
+    summed over ranks. With a name, a task that runs longer than progress_every seconds reports progress.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -302,12 +320,15 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
             for idx in range(rank, len(data), world_size)]
     mine.sort(key=lambda example: max(len(seq) for seq in example[1][0]))  # similar lengths together: less padding
     correct = torch.zeros(len(data), dtype=torch.float32)
+    size = lambda example: sum(len(seq) for seq in example[1][0])  # its tokens, all choices
+    progress = TaskProgress(name, sum(size(example) for example in mine), progress_every)
     batches = []  # (examples, rows, longest row)
     for example in mine:
         idx, (tokens, starts, ends) = example
         if task_meta["task_type"] == "multiple_choice" and shares_a_long_prefix(model, tokens, starts, ends):
             choice = shared_prefix_choice(model, tokenizer, device, tokens, starts[0], ends)
             correct[idx] = float(choice == data[idx]["gold"])
+            progress.advance(size(example))
             continue
         rows, longest = len(example[1][0]), max(len(seq) for seq in example[1][0])
         if batches and (batches[-1][1] + rows) * max(batches[-1][2], longest) <= batch_tokens:
@@ -318,6 +339,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
     for examples, _, _ in batches:
         for (idx, _), right in zip(examples, evaluate_batch(model, tokenizer, data, device, task_meta, examples)):
             correct[idx] = float(right)
+        progress.advance(sum(size(example) for example in examples))
     if world_size > 1:
         correct = correct.to(device)
         dist.barrier()
@@ -420,7 +442,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, should_
         label, meta = task["label"], task["task_meta"]
         t0 = time.time()
         data = load_task_data(task["path"], max_per_task)
-        accuracy = evaluate_task(model, tokenizer, data, device, meta)
+        accuracy = evaluate_task(model, tokenizer, data, device, meta, name=label)
         times[label] = time.time() - t0
         results[label] = accuracy
         centered[label] = centered_score(accuracy, baselines[label])

@@ -155,6 +155,18 @@ def test_evaluate_task_accuracy():
     assert evaluate_task(model, CharTokenizer(), data, "cpu", MC_META) == 0.75
 
 
+def test_a_long_task_reports_its_progress(capsys):
+    model = BigramModel([(" ", "p"), ("p", "q")])
+    data = [{"query": q, "choices": ["pq", "zz"], "gold": 0} for q in "QRSTUVWX"]
+    # batches of one example (batch_tokens=1), a report after every one (progress_every=0)
+    assert evaluate_task(model, CharTokenizer(), data, "cpu", MC_META, batch_tokens=1, name="toy", progress_every=0) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("toy:")]
+    assert len(lines) == len(data) - 1  # none once everything is done
+    assert "12% of its tokens" in lines[0] and "88% of its tokens" in lines[-1] and "eta" in lines[-1]
+    evaluate_task(model, CharTokenizer(), data, "cpu", MC_META, batch_tokens=1, progress_every=0)  # no name: quiet
+    assert "of its tokens" not in capsys.readouterr().out
+
+
 class AllLogits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
