@@ -345,6 +345,8 @@ class DecodeStep:
         trials = self.weights.thread_trials.setdefault(ids.size(0), {1: [], threads: []})
         decided = all(len(times) >= 3 for times in trials.values())
         use = min(trials, key=lambda n: min(trials[n])) if decided else min(trials, key=lambda n: len(trials[n]))
+        if decided and use == threads:
+            return decode_forward(self.weights, self.cache, ids)  # nothing to switch
         torch.set_num_threads(use)
         try:
             t0 = time.perf_counter()

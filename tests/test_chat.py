@@ -13,6 +13,7 @@ import subprocess
 import sys
 import termios
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -124,21 +125,29 @@ def read_until(fd, marker, output, timeout=300):
     return True
 
 
-def start_in_terminal(args, chat_base_dir):
-    """chat_cli in a new session whose controlling terminal is a fresh pseudo-terminal (so Ctrl-C is a SIGINT)."""
+@contextmanager
+def in_terminal(args, chat_base_dir):
+    """
+    chat_cli in a new session whose controlling terminal is a fresh pseudo-terminal (so Ctrl-C is a SIGINT):
+    yields (process, the terminal's master end); afterwards closes the terminal and kills what still runs.
+    """
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", *args], cwd=REPO_ROOT,
                             env={**cli_env(chat_base_dir), "TERM": "dumb"}, stdin=slave, stdout=slave, stderr=slave,
                             start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     os.close(slave)
-    return proc, master
+    try:
+        yield proc, master
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_cli_interactive_session_in_a_terminal(chat_base_dir):
     # typed into line by line as a person would: two questions, clear, one more, quit
-    proc, master = start_in_terminal(CLI_ARGS, chat_base_dir)
-    output = bytearray()
-    try:
+    with in_terminal(CLI_ARGS, chat_base_dir) as (proc, master):
+        output = bytearray()
         for line in ["hello there", "and what is 12*7?", "clear", "again", "quit"]:
             assert read_until(master, b"You: ", output)
             del output[: output.rindex(b"You: ") + 5]  # keep only what comes after this prompt
@@ -151,17 +160,12 @@ def test_cli_interactive_session_in_a_terminal(chat_base_dir):
             else:  # the answer streams in, with the calculator call and its result
                 assert read_until(master, b"nanochat: [calculator: 12*7] = 84", output)
         assert proc.wait(timeout=60) == 0
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_cli_ctrl_c_stops_an_answer_and_the_chat_goes_on(chat_base_dir):
     # the base model of chat_base_dir writes words until max_tokens: a long answer, stopped by Ctrl-C
-    proc, master = start_in_terminal(["-i", "base", "-m", "4000", "-t", "1", *CLI_ARGS[2:]], chat_base_dir)
-    output = bytearray()
-    try:
+    with in_terminal(["-i", "base", "-m", "4000", "-t", "1", *CLI_ARGS[2:]], chat_base_dir) as (proc, master):
+        output = bytearray()
         assert read_until(master, b"You: ", output)
         os.write(master, b"tell me everything\n")
         assert read_until(master, b"nanochat: ", output)
@@ -172,7 +176,3 @@ def test_cli_ctrl_c_stops_an_answer_and_the_chat_goes_on(chat_base_dir):
         os.write(master, b"\x04")  # Ctrl-D leaves
         assert read_until(master, b"Bye.", output)
         assert proc.wait(timeout=60) == 0
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
