@@ -76,12 +76,12 @@ def answer_enders(tokenizer):
 class ChatModel:
     """A model loaded for chatting: its Engine, tokenizer, device and the dtype it decodes in."""
 
-    def __init__(self, source, device, model_tag=None, step=None, dtype="auto"):
+    def __init__(self, source, device, model_tag=None, step=None, dtype="auto", decode_mode=None):
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
         decode_dtype = hardware.choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
-        self.engine = Engine(model, tokenizer, dtype=decode_dtype)
+        self.engine = Engine(model, tokenizer, dtype=decode_dtype, decode_mode=decode_mode or None)
         self.tokenizer = tokenizer
         self.meta = meta
         self.device = torch.device(device)

@@ -19,8 +19,10 @@ import time
 from collections import deque
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat import hardware
 from nanochat.calculator import use_calculator
 from nanochat.common import print0
 
@@ -214,42 +216,61 @@ def linear(x, weight, dtype, pack):
     return F.linear(x.to(dtype), weight)
 
 
-class DecodeWeights:
+class LayerWeights(nn.Module):
+    """One block's four matrices, prepared by DecodeWeights (buffers, so that a compiled step can freeze them)."""
+
+    def __init__(self, qkv, proj, fc, mlp_proj):
+        super().__init__()
+        for name, weight in (("qkv", qkv), ("proj", proj), ("fc", fc), ("mlp_proj", mlp_proj)):
+            self.register_buffer(name, weight, persistent=False)
+
+
+class DecodeWeights(nn.Module):
     """
     The model's weights laid out for decoding one token per row: cast to the decode dtype once,
     q/k/v of each layer stacked into one matrix (one matmul instead of three), rotary tables doubled
-    so q and k rotate with one multiply-add each. With pack=True (CPU, bf16) every matrix is also
-    reordered once into oneDNN's blocked layout, what torch.compile's freezing would do, and matmuls go
-    straight to oneDNN (the results are identical to F.linear on the same bf16 weights).
+    so q and k rotate with one multiply-add each. With pack=True (CPU, bf16, eager) every matrix is also
+    reordered once into oneDNN's blocked layout and matmuls go straight to oneDNN (the results are
+    identical to F.linear on the same bf16 weights). A module of buffers: the compiled CPU step
+    (DecodeStep) freezes them into its code as constants.
 
     The weights are copied, so they go stale when the model trains: Engine rebuilds them when the
     model's parameters have changed (their version counters moved).
     """
 
     def __init__(self, model, dtype, pack):
+        super().__init__()
         config = model.config
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         self.dtype, self.pack = dtype, pack
         self.thread_trials = {}  # CPU, per batch size: {threads: [seconds per decode step]} (see DecodeStep)
+        self.compiled_batch_sizes = set()  # CPU: the batch sizes a compiled step exists for (see DecodeStep)
 
         def prepare(weight):
             return prepare_weight(weight, dtype, pack)
 
-        self.wte = model.transformer.wte.weight  # looked up, not multiplied: used as it is
-        self.layers = []
+        # the embedding is looked up, not multiplied: used as it is
+        self.register_buffer("wte", model.transformer.wte.weight.detach(), persistent=False)
+        self.layers = nn.ModuleList()
         for block in model.transformer.h:
             attn, mlp = block.attn, block.mlp
             qkv = torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight])  # ((H + 2 H_kv) D, C)
-            self.layers.append([prepare(w) for w in (qkv, attn.c_proj.weight, mlp.c_fc.weight, mlp.c_proj.weight)])
-        self.lm_head = prepare(model.lm_head.weight)
+            self.layers.append(LayerWeights(*(prepare(w) for w in (qkv, attn.c_proj.weight, mlp.c_fc.weight,
+                                                                   mlp.c_proj.weight))))
+        self.register_buffer("lm_head", prepare(model.lm_head.weight), persistent=False)
         # x1 cos + x2 sin, x2 cos - x1 sin (gpt.apply_rotary_emb) = x * [cos, cos] + roll(x, D/2) * [sin, -sin]
         cos, sin = model.cos.to(dtype), model.sin.to(dtype)  # (1, T, 1, D/2)
-        self.cos = torch.cat([cos, cos], dim=-1)
-        self.sin = torch.cat([sin, -sin], dim=-1)
+        self.register_buffer("cos", torch.cat([cos, cos], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([sin, -sin], dim=-1), persistent=False)
 
     def linear(self, x, weight):
         return linear(x, weight, self.dtype, self.pack)
+
+    def matrix_bytes(self):
+        """Bytes of the matrices one decode step reads (the embedding is only looked up)."""
+        matrices = [self.lm_head, *(w for layer in self.layers for w in layer.buffers())]
+        return sum(w.numel() * w.element_size() for w in matrices)
 
 
 def decode_forward(w, cache, ids):
@@ -265,15 +286,15 @@ def decode_forward(w, cache, ids):
     C = x.size(1)
     x = F.rms_norm(x.to(torch.promote_types(x.dtype, w.dtype)), (C,))  # bf16 embedding, fp32 decode: as GPT.forward
     cos, sin = cache.rotary(w.cos, w.sin, 1)  # (1, 1, 1, D)
-    for layer_idx, (qkv_w, proj_w, fc_w, mlp_proj_w) in enumerate(w.layers):
-        qkv = w.linear(F.rms_norm(x, (C,)), qkv_w).to(cache.dtype).view(B, 1, H + 2 * H_kv, D)
+    for layer_idx, layer in enumerate(w.layers):
+        qkv = w.linear(F.rms_norm(x, (C,)), layer.qkv).to(cache.dtype).view(B, 1, H + 2 * H_kv, D)
         qk = qkv[:, :, : H + H_kv]  # q and k rotate and normalise together
         qk = qk * cos + qk.roll(D // 2, dims=-1) * sin
         qk = F.rms_norm(qk, (D,))
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv:]
         y = cache.attend(layer_idx, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, 1, D)
-        x = x + w.linear(y.reshape(B, C), proj_w)
-        x = x + w.linear(F.relu(w.linear(F.rms_norm(x, (C,)), fc_w)).square(), mlp_proj_w)
+        x = x + w.linear(y.reshape(B, C), layer.proj)
+        x = x + w.linear(F.relu(w.linear(F.rms_norm(x, (C,)), layer.fc)).square(), layer.mlp_proj)
     logits = w.linear(F.rms_norm(x, (C,)), w.lm_head).float()  # (B, V)
     softcap = 15.0
     return softcap * torch.tanh(logits / softcap)
@@ -289,6 +310,27 @@ def compiled_decode_forward():
     return _compiled_decode_forward
 
 
+# How the step is compiled on CPU (settings in force while its first call compiles it):
+# - freezing: DecodeWeights' buffers become constants of the code, prepacked for its matmuls;
+# - the cache position (KVCache.pos, read by decode_forward as cache.pos) symbolic from the start, so
+#   one compiled step serves every position, attending over the filled part of the cache only;
+# - when the weights fit in half the largest CPU cache: max_autotune with inductor's C++ GEMM templates as
+#   candidates. The matmuls of a few rows then become generated code instead of oneDNN calls, whose fixed cost
+#   (12-20 us each, 17 per step at depth 4) was half of a batch-1 step. Autotuning times each candidate on
+#   this machine, but with the weights hot in cache; when they are not, the templates lose. Measured on a
+#   2-core EPYC (32 MB L3), ms per bf16 step at batch 1, templates vs oneDNN: depth 4 (10 MB of weights)
+#   0.28 vs 0.45; depth 6 (27 MB) 1.22 vs 0.97; depth 8 (58 MB) 3.60 vs 2.05.
+CPU_COMPILE_DYNAMIC = "L['cache'].pos"
+
+
+def cpu_compile_settings(weights):
+    """Inductor settings for compiling the decode step on CPU with these weights (see above)."""
+    settings = dict(freezing=True)
+    if 2 * weights.matrix_bytes() <= hardware.cpu_cache_bytes():
+        settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # no tables
+    return settings
+
 DECODE_MODES = ("eager", "compile", "cuda_graph")
 
 
@@ -296,24 +338,28 @@ class DecodeStep:
     """
     Runs decode_forward on one cache, token after token, as:
     - "eager": plain PyTorch ops, the cache addressed by slices (fewest ops when nothing is compiled);
-    - "compile": torch.compile of the static form (cache addressed by a position tensor, fixed shapes):
-      fused kernels; recompiles only for a new batch size or capacity, and torch caches the code on disk;
+    - "compile": torch.compile of it. On CPU with the weights frozen in and a symbolic position
+      (cpu_compile_settings); elsewhere of the static form (cache addressed by a position tensor, fixed
+      shapes). Recompiles for new weights or a new batch size (static form: a new capacity too);
+      a DecodeStep of the same weights and batch size reuses the compiled code;
     - "cuda_graph": the static form captured once as a CUDA graph and replayed: one launch per token.
-    If compiling or capturing fails (no C++ compiler, an unsupported op...), it says so once and runs the
-    static form uncompiled.
+    If compiling or capturing fails (no C++ compiler, an unsupported op...), it says so once and runs
+    the same form uncompiled.
     """
 
     def __init__(self, weights, cache, mode):
         if mode not in DECODE_MODES:
             raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
-        if mode == "cuda_graph" and cache.pos_tensor.device.type != "cuda":
+        device_type = cache.pos_tensor.device.type
+        if mode == "cuda_graph" and device_type != "cuda":
             raise ValueError(f"cuda_graph decoding needs the model on a CUDA device, not {cache.pos_tensor.device}")
         if mode != "eager" and weights.pack:
             raise ValueError("prepacked (oneDNN) weights are for eager decoding; build DecodeWeights with pack=False")
         self.weights, self.cache, self.mode = weights, cache, mode
         self.forward = compiled_decode_forward() if mode == "compile" else decode_forward
         self.first_call = True
-        if mode != "eager":
+        self.static = mode == "cuda_graph" or (mode == "compile" and device_type != "cpu")
+        if self.static:
             cache.make_static()
 
     def __call__(self, ids):
@@ -332,7 +378,8 @@ class DecodeStep:
             logits = self.static_logits  # overwritten by the next replay: sample from it first
         else:  # compiled, or the uncompiled fallback
             logits = self.forward(self.weights, cache, ids)
-        cache.pos += 1  # the static form advanced cache.pos_tensor on the device
+        if self.static:
+            cache.pos += 1  # the static form advanced cache.pos_tensor on the device
         return logits
 
     def _on_cpu_threads(self, ids):
@@ -361,11 +408,21 @@ class DecodeStep:
         try:
             if self.mode == "cuda_graph":
                 return self._capture(self.weights, self.cache, ids)
+            if not self.static and ids.size(0) not in self.weights.compiled_batch_sizes:  # CPU, first of its kind
+                import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
+                print0(f"Engine: compiling the decode step for batch size {ids.size(0)} (seconds; once per "
+                       "process, batch size and weights)")
+                with (torch._inductor.config.patch(cpu_compile_settings(self.weights)),
+                      torch.compiler.config.patch(dynamic_sources=CPU_COMPILE_DYNAMIC)):
+                    logits = self.forward(self.weights, self.cache, ids)
+                self.weights.compiled_batch_sizes.add(ids.size(0))
+                return logits
             return self.forward(self.weights, self.cache, ids)
         except Exception as e:  # a compiler or capture failure (a real error shows again below, uncompiled)
             print0(f"Engine: {self.mode} decoding failed ({type(e).__name__}: {str(e)[:300]}); decoding uncompiled")
             self.mode, self.forward = "uncompiled", decode_forward
-            self.cache.sync_pos_tensor()
+            if self.static:
+                self.cache.sync_pos_tensor()
             return decode_forward(self.weights, self.cache, ids)
 
     def _capture(self, weights, cache, ids):
@@ -394,11 +451,16 @@ class Engine:
 
     dtype: what decoding computes in. None follows the caller: the autocast dtype if generate is called
     under torch.autocast, else the model's own (fp32). The prefill then runs under autocast in that dtype.
-    decode_mode: "eager", "compile" or "cuda_graph" (DecodeStep); None = cuda_graph on CUDA, eager elsewhere
-    (on CPU compiling was measured not to pay, see dev/bench_engine.py).
+    decode_mode: "eager", "compile" or "cuda_graph" (DecodeStep); None = cuda_graph on CUDA, eager elsewhere.
+    On CPU "compile" decodes 2-3x faster than eager at batch 1 once compiled, and compiling takes seconds
+    (about 7 s at depth 4, more on a cold cache: dev/bench_engine.py), so it pays for long sessions (chat,
+    evaluation), not for a few samples.
     """
 
     def __init__(self, model, tokenizer, dtype=None, decode_mode=None):
+        if decode_mode not in (None, *DECODE_MODES):
+            raise ValueError(f"decode mode must be one of {DECODE_MODES} (or None: the device's default), "
+                             f"got {decode_mode!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.dtype = dtype

@@ -1,6 +1,7 @@
 """
 What the hardware is good at, decided by looking and by measuring rather than by habit.
 
+- cpu_cache_bytes(): the largest CPU cache, for the Engine's choice of compiled matmuls.
 - cpu_model(), cpu_flags() / cpu_has_native_bf16(): which CPU; does the CPU have bf16 dot-product or matrix units
   (x86 avx512_bf16 / amx_bf16, Arm bf16)? Without them PyTorch emulates bf16 matmuls, which was
   measured 14x slower than fp32 for a 1024x256 Newton-Schulz step.
@@ -14,6 +15,8 @@ What the hardware is good at, decided by looking and by measuring rather than by
 """
 
 import functools
+import glob
+import os
 import platform
 import time
 
@@ -70,6 +73,24 @@ def cpu_flags():
 
 def cpu_has_native_bf16():
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+SIZE_SUFFIXES = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_cache_bytes(sysfs="/sys/devices/system/cpu/cpu0/cache"):
+    """Size of the CPU's largest cache (usually the L3 that the cores share) from Linux sysfs; 0 where unknown."""
+    largest = 0
+    for size_file in glob.glob(os.path.join(sysfs, "index*", "size")):
+        try:
+            text = open(size_file).read().strip()
+        except OSError:
+            continue
+        number, suffix = (text[:-1], text[-1]) if text[-1:] in SIZE_SUFFIXES else (text, "")
+        if number.isdigit():
+            largest = max(largest, int(number) * SIZE_SUFFIXES.get(suffix, 1))
+    return largest
 
 
 def _device_key(device):

@@ -23,7 +23,7 @@ import torch
 from nanochat.common import compute_init, compute_cleanup, print0, autodetect_device_type
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine
+from nanochat.engine import DECODE_MODES, Engine
 from nanochat.chat_eval import ALL_TASKS, BASELINE_ACCURACY, load_task, run_chat_eval, centered_accuracy, chatcore
 from nanochat.report import get_report
 
@@ -46,6 +46,7 @@ max_new_tokens = 512  # -m: longest completion
 # Runtime
 device_type = ""  # cuda|cpu|mps ("" = autodetect)
 dtype = "auto"  # auto|bfloat16|float32 (auto = bf16 autocast on CUDA, fp32 elsewhere)
+decode_mode = ""  # eager|compile|cuda_graph for the generative tasks ("" = cuda_graph on CUDA, eager elsewhere)
 SHORT_FLAGS = {"-i": "source", "-a": "task_name", "-x": "max_problems", "-b": "batch_size", "-n": "num_samples",
                "-t": "temperature", "-k": "top_k", "-m": "max_new_tokens", "-g": "model_tag", "-s": "step",
                "-d": "dtype"}
@@ -66,6 +67,8 @@ if unknown:
     fail(f"unknown task(s) {', '.join(unknown)}: choose from {'|'.join(ALL_TASKS)}")
 if dtype not in ("auto", "bfloat16", "float32"):
     fail(f"--dtype must be one of auto|bfloat16|float32, got {dtype!r}")
+if decode_mode not in ("", *DECODE_MODES):
+    fail(f"--decode_mode must be one of {'|'.join(DECODE_MODES)} (or empty), got {decode_mode!r}")
 
 device_type = device_type or autodetect_device_type()
 ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
@@ -76,7 +79,7 @@ try:
                                         step=step if step >= 0 else None)
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
-engine = Engine(model, tokenizer)
+engine = Engine(model, tokenizer, decode_mode=decode_mode or None)
 
 # Each task in turn (all ranks take part in each)
 accuracies, problems, seconds = {}, {}, {}

@@ -68,6 +68,9 @@ parser.add_argument("--port", type=int, default=8000, help="port to listen on (d
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="dtype to decode in; auto: bf16 where it was measured faster")
+parser.add_argument("--decode-mode", default="", choices=["", "eager", "compile", "cuda_graph"],
+                    help="how each token is decoded (default: cuda_graph on CUDA, eager elsewhere); on CPU, compile "
+                         "takes seconds once, then decodes 2-3x faster")
 args = parser.parse_args()
 defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
 for name, (low, high) in [("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)]:
@@ -125,7 +128,8 @@ else:
 workers = []
 for index, device in enumerate(devices):
     try:
-        workers.append(Worker(index, ChatModel(args.source, device, args.model_tag, args.step, args.dtype)))
+        workers.append(Worker(index, ChatModel(args.source, device, args.model_tag, args.step, args.dtype,
+                                                  args.decode_mode)))
     except FileNotFoundError as e:  # no checkpoint or tokenizer: the message says what to train
         raise SystemExit(str(e)) from None
     print(f"Worker {index}: {args.source} model {workers[-1].chat.describe()}", flush=True)

@@ -19,7 +19,7 @@ from nanochat.chat import TextStream
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autodetect_device_type, compute_init, compute_cleanup, get_base_dir
 from nanochat.configurator import configure
-from nanochat.engine import Engine
+from nanochat.engine import DECODE_MODES, Engine
 
 # -----------------------------------------------------------------------------
 # Settings (--name=value on the command line; --help prints this block)
@@ -37,6 +37,7 @@ step = -1  # checkpoint step (-1 = the last one saved)
 # Runtime
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
 dtype = "auto"  # auto|float32|bfloat16: auto = bf16 where it decodes measurably faster (hardware.choose_decode_dtype)
+decode_mode = ""  # eager|compile|cuda_graph ("" = cuda_graph on CUDA, eager elsewhere; compile: seconds once, then faster)
 configure(globals(), __file__)
 # -----------------------------------------------------------------------------
 
@@ -59,13 +60,15 @@ elif dtype in ("float32", "bfloat16"):
     decode_dtype = getattr(torch, dtype)
 else:
     raise SystemExit(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+if decode_mode not in ("", *DECODE_MODES):
+    raise SystemExit(f"--decode_mode must be one of {', '.join(DECODE_MODES)} (or empty), got {decode_mode!r}")
 
 print(f"Model {meta.get('model_config')} at step {meta.get('step')}, decoding in {str(decode_dtype)[6:]} on {device}")
 bos = tokenizer.get_bos_token_id()
 row_enders = {bos, tokenizer.encode_special("<|assistant_end|>")}
 prompt_tokens = tokenizer(prompt, prepend=bos)
 
-engine = Engine(model, tokenizer, dtype=decode_dtype)
+engine = Engine(model, tokenizer, dtype=decode_dtype, decode_mode=decode_mode or None)
 samples = [[] for _ in range(num_samples)]
 done = [False] * num_samples
 live = TextStream(tokenizer)  # holds back a character until all its bytes have come

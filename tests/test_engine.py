@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nanochat.calculator import use_calculator
-from nanochat.engine import DecodeWeights, Engine, KVCache, can_pack_weights, decode_forward, sample_next_token
+from nanochat.engine import (DecodeWeights, Engine, KVCache, can_pack_weights, cpu_compile_settings, decode_forward,
+                             sample_next_token)
 from nanochat.gpt import GPTConfig, build_gpt
 
 
@@ -295,6 +296,32 @@ def test_compiled_decode_matches_eager(model_and_tokenizer, capsys):
         assert after == [_naive_decode(model, prompt, 8)] and after != before
     finally:
         model.load_state_dict(saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_bytes", [2 ** 30, 0], ids=["gemm-templates", "onednn"])
+def test_compiled_cpu_decode_compiles_once_for_every_position(model_and_tokenizer, cache_bytes, monkeypatch):
+    # on CPU the position is symbolic: other prompt lengths and every step reuse one compiled step per batch size;
+    # with the weights in cache or not (inductor's C++ matmuls or oneDNN's, see engine.cpu_compile_settings)
+    from nanochat import hardware
+    monkeypatch.setattr(hardware, "cpu_cache_bytes", lambda: cache_bytes)
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, decode_mode="compile")
+    templates = "max_autotune" in cpu_compile_settings(engine.decode_weights(torch.float32, pack=False))
+    assert templates == (cache_bytes > 0)
+    prompts = [tokenizer.encode(text) for text in ("ab", "a longer prompt than that", "abc")]
+    _columns(engine, prompts[0], max_tokens=4, temperature=0.0)  # compiles
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for prompt in prompts:
+        got = _columns(engine, prompt, max_tokens=10, temperature=0.0)
+        assert got == [_naive_decode(model, prompt, 10)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+
+
+def test_engine_rejects_an_unknown_decode_mode(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match="decode mode must be one of"):
+        Engine(model, tokenizer, decode_mode="graph")
 
 
 def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypatch, capsys):
