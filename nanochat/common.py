@@ -2,6 +2,7 @@
 Shared plumbing: where files live, distributed set-up, rank-0 printing, robust downloads.
 """
 
+import faulthandler
 import os
 import random
 import sys
@@ -68,6 +69,10 @@ def compute_init(device_type="cuda", seed=42):
         torch.set_float32_matmul_precision("high")  # tf32 matmuls
 
     ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp:
+        # A rank that dies of a signal (a native abort in a communication thread, a segfault) prints every
+        # thread's Python stack first: torchrun alone reports only the signal's number.
+        faulthandler.enable(all_threads=True)
     if ddp and device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

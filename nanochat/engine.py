@@ -246,6 +246,7 @@ class DecodeWeights(nn.Module):
         self.dtype, self.pack = dtype, pack
         self.thread_trials = {}  # CPU, per batch size: {threads: [seconds per decode step]} (see DecodeStep)
         self.compiled_batch_sizes = set()  # CPU: the batch sizes a compiled step exists for (see DecodeStep)
+        self.compile_failed = False  # compiling (or capturing) failed once: later steps run uncompiled at once
 
         def prepare(weight):
             return prepare_weight(weight, dtype, pack)
@@ -331,6 +332,7 @@ def cpu_compile_settings(weights):
                         autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # no tables
     return settings
 
+
 DECODE_MODES = ("eager", "compile", "cuda_graph")
 
 
@@ -405,25 +407,29 @@ class DecodeStep:
         return logits
 
     def _first_call(self, ids):
-        try:
-            if self.mode == "cuda_graph":
-                return self._capture(self.weights, self.cache, ids)
-            if not self.static and ids.size(0) not in self.weights.compiled_batch_sizes:  # CPU, first of its kind
-                import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
-                print0(f"Engine: compiling the decode step for batch size {ids.size(0)} (seconds; once per "
-                       "process, batch size and weights)")
-                with (torch._inductor.config.patch(cpu_compile_settings(self.weights)),
-                      torch.compiler.config.patch(dynamic_sources=CPU_COMPILE_DYNAMIC)):
-                    logits = self.forward(self.weights, self.cache, ids)
-                self.weights.compiled_batch_sizes.add(ids.size(0))
-                return logits
-            return self.forward(self.weights, self.cache, ids)
-        except Exception as e:  # a compiler or capture failure (a real error shows again below, uncompiled)
-            print0(f"Engine: {self.mode} decoding failed ({type(e).__name__}: {str(e)[:300]}); decoding uncompiled")
-            self.mode, self.forward = "uncompiled", decode_forward
-            if self.static:
-                self.cache.sync_pos_tensor()
-            return decode_forward(self.weights, self.cache, ids)
+        weights = self.weights
+        if not weights.compile_failed:
+            try:
+                if self.mode == "cuda_graph":
+                    return self._capture(weights, self.cache, ids)
+                if not self.static and ids.size(0) not in weights.compiled_batch_sizes:  # CPU, first of its kind
+                    import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
+                    print0(f"Engine: compiling the decode step for batch size {ids.size(0)} (seconds; once per "
+                           "process, batch size and weights)")
+                    with (torch._inductor.config.patch(cpu_compile_settings(weights)),
+                          torch.compiler.config.patch(dynamic_sources=CPU_COMPILE_DYNAMIC)):
+                        logits = self.forward(weights, self.cache, ids)
+                    weights.compiled_batch_sizes.add(ids.size(0))
+                    return logits
+                return self.forward(weights, self.cache, ids)
+            except Exception as e:  # a compiler or capture failure (a real error shows again below, uncompiled)
+                print0(f"Engine: {self.mode} decoding failed ({type(e).__name__}: {str(e)[:300]}); "
+                       "decoding uncompiled")
+                weights.compile_failed = True
+        self.mode, self.forward = "uncompiled", decode_forward
+        if self.static:
+            self.cache.sync_pos_tensor()
+        return decode_forward(weights, self.cache, ids)
 
     def _capture(self, weights, cache, ids):
         # Warm up on a side stream (lazy initialisations must not happen during capture). The warm-up is

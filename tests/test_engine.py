@@ -327,16 +327,22 @@ def test_engine_rejects_an_unknown_decode_mode(model_and_tokenizer):
 def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypatch, capsys):
     import nanochat.engine as engine_module
 
+    attempts = []
+
     def broken(*args):
+        attempts.append(1)
         raise RuntimeError("no C++ compiler")
 
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(engine_module, "compiled_decode_forward", lambda: broken)
     prompt = tokenizer.encode("abc")
-    got = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12,
-                   temperature=0.0)
-    assert got == _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
-    assert "decoding uncompiled" in capsys.readouterr().out
+    engine = Engine(model, tokenizer, decode_mode="compile")
+    expected = _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    assert _columns(engine, prompt, num_samples=2, max_tokens=12, temperature=0.0) == expected
+    assert capsys.readouterr().out.count("decoding uncompiled") == 1
+    # the next generation of the same weights does not try (and fail, and say so) again
+    assert _columns(engine, prompt, num_samples=2, max_tokens=12, temperature=0.0) == expected
+    assert "decoding uncompiled" not in capsys.readouterr().out and len(attempts) == 1
 
 
 def test_bf16_decode_follows_the_model(model_and_tokenizer):
