@@ -87,6 +87,9 @@ class ChatModel:
         self.device = torch.device(device)
         self.dtype = str(decode_dtype).removeprefix("torch.")
         self.context_len = model.config.sequence_len  # the length the model was trained on
+        if decode_mode == "compile":  # compile now, while loading, rather than in the middle of the first answer
+            for _ in self.engine.generate([tokenizer.get_bos_token_id()], max_tokens=2, temperature=0.0):
+                pass
 
     def describe(self):
         config = self.engine.model.config

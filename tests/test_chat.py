@@ -99,6 +99,17 @@ def test_cli_one_prompt_uses_the_calculator(chat_base_dir):
     assert result.stdout == "[calculator: 12*7] = 84\n"  # only the answer on stdout; loading talk goes to stderr
 
 
+@pytest.mark.slow
+def test_cli_compiled_decoding_gives_the_same_answer(chat_base_dir):
+    args = ["-p", "What is 12 times 7?", *CLI_ARGS, "-m", "24"]
+    results = [subprocess.run([sys.executable, "-m", "scripts.chat_cli", *args, *mode], cwd=REPO_ROOT,
+                              env=cli_env(chat_base_dir), capture_output=True, text=True, timeout=300)
+               for mode in ([], ["--decode-mode", "compile"])]
+    assert all(result.returncode == 0 for result in results), results[1].stderr
+    assert results[1].stdout == results[0].stdout  # greedy, fp32: the same tokens; nothing else on stdout
+    assert "compiling the decode step" in results[1].stderr and "decoding uncompiled" not in results[1].stderr
+
+
 def test_cli_missing_model_says_what_to_train(tmp_path):
     result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "hi", *CLI_ARGS], cwd=REPO_ROOT,
                             env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}, capture_output=True, text=True,
