@@ -94,7 +94,7 @@ def compute_cleanup():
         dist.destroy_process_group()
         # Free what reference cycles still hold of the process group now, while the interpreter is whole: left
         # to interpreter teardown, a gloo rank aborted ("terminate called without an active exception") in
-        # 3 of 15 eight-rank runs of base_train after finishing its work, and in 0 of 35 with this collection.
+        # 3 of 15 eight-rank runs of base_train after finishing its work, and in 0 of 45 with this collection.
         gc.collect()
 
 

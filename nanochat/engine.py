@@ -413,14 +413,7 @@ class DecodeStep:
                 if self.mode == "cuda_graph":
                     return self._capture(weights, self.cache, ids)
                 if not self.static and ids.size(0) not in weights.compiled_batch_sizes:  # CPU, first of its kind
-                    import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
-                    print0(f"Engine: compiling the decode step for batch size {ids.size(0)} (seconds; once per "
-                           "process, batch size and weights)")
-                    with (torch._inductor.config.patch(cpu_compile_settings(weights)),
-                          torch.compiler.config.patch(dynamic_sources=CPU_COMPILE_DYNAMIC)):
-                        logits = self.forward(weights, self.cache, ids)
-                    weights.compiled_batch_sizes.add(ids.size(0))
-                    return logits
+                    return self._compile_on_cpu(ids)
                 return self.forward(weights, self.cache, ids)
             except Exception as e:  # a compiler or capture failure (a real error shows again below, uncompiled)
                 print0(f"Engine: {self.mode} decoding failed ({type(e).__name__}: {str(e)[:300]}); "
@@ -430,6 +423,16 @@ class DecodeStep:
         if self.static:
             self.cache.sync_pos_tensor()
         return decode_forward(weights, self.cache, ids)
+
+    def _compile_on_cpu(self, ids):
+        import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
+        print0(f"Engine: compiling the decode step for batch size {ids.size(0)} (seconds; once per "
+               "process, batch size and weights)")
+        with (torch._inductor.config.patch(cpu_compile_settings(self.weights)),
+              torch.compiler.config.patch(dynamic_sources=CPU_COMPILE_DYNAMIC)):
+            logits = self.forward(self.weights, self.cache, ids)
+        self.weights.compiled_batch_sizes.add(ids.size(0))
+        return logits
 
     def _capture(self, weights, cache, ids):
         # Warm up on a side stream (lazy initialisations must not happen during capture). The warm-up is

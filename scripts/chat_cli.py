@@ -19,6 +19,7 @@ import sys
 
 from nanochat.chat import ChatModel, assistant_content
 from nanochat.common import autodetect_device_type, compute_init
+from nanochat.engine import DECODE_MODES
 
 # how tool tokens look in the terminal
 TOOL_DISPLAY = {"<|python_start|>": "[calculator: ", "<|python_end|>": "]",
@@ -38,7 +39,7 @@ parser.add_argument("--seed", type=int, default=None, help="sampling seed (defau
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="dtype to decode in; auto: bf16 where it was measured faster")
-parser.add_argument("--decode-mode", default="", choices=["", "eager", "compile", "cuda_graph"],
+parser.add_argument("--decode-mode", default="", choices=["", *DECODE_MODES],
                     help="how each token is decoded (default: cuda_graph on CUDA, eager elsewhere); on CPU, compile "
                          "takes seconds once, then decodes 2-3x faster")
 args = parser.parse_args()

@@ -37,6 +37,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 import nanochat
 from nanochat.chat import ChatModel, assistant_content
 from nanochat.common import autodetect_device_type, compute_init
+from nanochat.engine import DECODE_MODES
 from nanochat.tokenizer import chat_messages
 
 # Limits on one request: they bound the work and memory a single client can ask for.
@@ -68,7 +69,7 @@ parser.add_argument("--port", type=int, default=8000, help="port to listen on (d
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="dtype to decode in; auto: bf16 where it was measured faster")
-parser.add_argument("--decode-mode", default="", choices=["", "eager", "compile", "cuda_graph"],
+parser.add_argument("--decode-mode", default="", choices=["", *DECODE_MODES],
                     help="how each token is decoded (default: cuda_graph on CUDA, eager elsewhere); on CPU, compile "
                          "takes seconds once, then decodes 2-3x faster")
 args = parser.parse_args()
