@@ -1,6 +1,6 @@
 """
 Decode speed of the Engine: tokens/s per batch size and time to first token for a long prompt, for our
-Engine in fp32 and in the dtype hardware.choose_decode_dtype picks, against the reference nanochat's
+Engine in fp32 and in the dtype decode.choose_decode_dtype picks, against the reference nanochat's
 Engine (karpathy/nanochat at f37d45c) on the same weights, all timed in one process, alternating, so
 that load from other processes hits every contender alike.
 
@@ -27,6 +27,7 @@ from dev.reference import load_reference, reference_model
 from nanochat import hardware
 from nanochat.common import autodetect_device_type, get_base_dir
 from nanochat.configurator import configure
+from nanochat.decode import bf16_decode_speedup, choose_decode_dtype
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_gpt
 
@@ -43,7 +44,7 @@ max_tokens = 128  # new tokens per sample in the throughput runs
 prompt_len = 16  # prompt tokens in the throughput runs
 ttft_prompt_len = 500  # prompt tokens of the time-to-first-token runs (0 = skip them)
 repeats = 5  # timed rounds, every contender once per round in turn (tok/s: its fastest; ratio: median of rounds)
-dtypes = "float32,auto"  # our Engine's decode dtypes: float32, bfloat16, auto (= hardware.choose_decode_dtype)
+dtypes = "float32,auto"  # our Engine's decode dtypes: float32, bfloat16, auto (= decode.choose_decode_dtype)
 modes = ""  # our decode modes, comma separated: eager, compile, cuda_graph ("" = the Engine's default)
 ref_dir = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c) to time as baseline
 # Runtime
@@ -114,7 +115,7 @@ def main():
 
         contenders["reference" + (" (bf16 autocast)" if ref_bf16 else " (fp32)")] = run_reference
     for dtype_name in dtypes.split(","):
-        dtype = hardware.choose_decode_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)
+        dtype = choose_decode_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)
         for mode in (modes.split(",") if modes else [None]):
             engine = Engine(model, tokenizer, dtype=dtype, decode_mode=mode)
             name = f"ours {str(dtype)[6:]}" + (" (auto)" if dtype_name == "auto" else "") + (f" {mode}" if mode else "")
@@ -132,7 +133,7 @@ def main():
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
     print(f"Device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
           f", CPU {cpu}, native bf16: {hardware.cpu_has_native_bf16()}, torch threads {torch.get_num_threads()}"))
-    print(f"bf16/fp32 decode matmul speed (hardware.bf16_decode_speedup): {hardware.bf16_decode_speedup(device):.2f}x; "
+    print(f"bf16/fp32 decode matmul speed (decode.bf16_decode_speedup): {bf16_decode_speedup(device):.2f}x; "
           f"load average {os.getloadavg()[0]:.1f}; {repeats} alternating rounds; baseline: {baseline}")
 
     def timed(name, tokens, n, num_tokens, first_only=False):

@@ -16,9 +16,9 @@ import re
 
 import torch
 
-from nanochat import hardware
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine
+from nanochat.decode import choose_decode_dtype
+from nanochat.engine import Engine, answer_enders
 
 TOOL_TOKENS = ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 _TOOL_SPLIT = re.compile("(" + "|".join(re.escape(name) for name in TOOL_TOKENS) + ")")
@@ -68,11 +68,6 @@ def assistant_content(text):
     return parts
 
 
-def answer_enders(tokenizer):
-    """Tokens that end an answer: the model closing its turn, or starting a new document."""
-    return {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-
-
 class ChatModel:
     """A model loaded for chatting: its Engine, tokenizer, device and the dtype it decodes in."""
 
@@ -80,7 +75,7 @@ class ChatModel:
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-        decode_dtype = hardware.choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+        decode_dtype = choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
         self.engine = Engine(model, tokenizer, dtype=decode_dtype, decode_mode=decode_mode or None)
         self.tokenizer = tokenizer
         self.meta = meta

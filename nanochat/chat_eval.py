@@ -27,26 +27,6 @@ BASELINE_ACCURACY = {  # random guessing
 }
 
 
-def load_task(name):
-    """The evaluation split of a task by its name in ALL_TASKS (downloaded on first use)."""
-    if name in ("ARC-Easy", "ARC-Challenge"):
-        from tasks.arc import ARC
-        return ARC(subset=name, split="test")
-    if name == "MMLU":
-        from tasks.mmlu import MMLU
-        return MMLU(subset="all", split="test")
-    if name == "GSM8K":
-        from tasks.gsm8k import GSM8K
-        return GSM8K(subset="main", split="test")
-    if name == "HumanEval":
-        from tasks.humaneval import HumanEval
-        return HumanEval()
-    if name == "SpellingBee":
-        from tasks.spellingbee import SpellingBee
-        return SpellingBee(size=256, split="test")
-    raise ValueError(f"unknown task {name!r}: choose from {', '.join(ALL_TASKS)}")
-
-
 def _rank_and_world_size():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -118,9 +98,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
 
 def run_chat_eval(task, tokenizer, model, engine, batch_size=8, num_samples=1, max_new_tokens=512,
                   temperature=0.0, top_k=50, max_problems=None):
-    """(accuracy, number of problems) of `task` (a Task or a name in ALL_TASKS), by its eval_type."""
-    if isinstance(task, str):
-        task = load_task(task)
+    """(accuracy, number of problems) of `task` (a tasks/ Task; tasks.load_eval_task gives them by name), by its eval_type."""
     if task.eval_type == "categorical":
         return run_categorical_eval(task, tokenizer, model, batch_size, max_problems=max_problems)
     if task.eval_type == "generative":

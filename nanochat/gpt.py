@@ -8,8 +8,9 @@ The GPT model: a decoder-only Transformer in the modern small-model style.
 Parameter names (state_dict keys) and numerics follow nanochat at commit f37d45c, so a checkpoint
 trained here loads into that code and gives the same logits.
 
-With targets, forward() returns the loss without ever holding the logits of the whole batch: see
-softcap_cross_entropy below.
+The model owns its attention, with and without a KV cache (nanochat/engine.py: the cache only stores
+keys, values and the position). With targets, forward() returns the loss without ever holding the
+logits of the whole batch (nanochat/loss.py).
 """
 
 import math
@@ -21,8 +22,11 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 from nanochat.common import print0
+from nanochat.loss import softcap_cross_entropy
 from nanochat.muon import Muon, DistMuon
 from nanochat.adamw import DistAdamW
+
+LOGIT_SOFTCAP = 15.0  # logits = 15 tanh(logits / 15) keeps them in (-15, 15)
 
 
 @dataclass
@@ -41,145 +45,18 @@ def norm(x):
 
 
 def apply_rotary_emb(x, cos, sin):
-    """Rotate the two halves of the last dim of x (B, T, H, D) by the angles in cos/sin (1, T, 1, D/2)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The loss without the full logits. lm_head -> soft-cap -> cross-entropy over all B*T tokens at once
-# would keep several (B*T, vocab) tensors alive for the backward pass: 17 GB each in fp32 at the
-# speedrun's batch (32 x 2048 tokens, vocab 65536). Instead the tokens go through the head in chunks,
-# and each chunk's logits exist only while that chunk is processed. For a mean or sum the gradients
-# are computed in the forward pass too (the loss is linear in each token's loss, so backward only
-# scales them): no logits are recomputed, the matmul work is that of the plain path.
-
-# Chunk size: at least LOSS_CHUNK_LOGITS logits (rows x vocab; 8 MB in fp32) and LOSS_MIN_ROWS rows,
-# since each chunk also adds its (vocab x n_embd) share to the lm_head gradient: with few rows that
-# accumulation, not the matmuls, would set the pace. On GPUs larger chunks keep the kernels big.
-# torch.compile unrolls the loop over chunks, so there the number of chunks is capped.
-LOSS_CHUNK_LOGITS = 2 ** 21
-LOSS_CHUNK_LOGITS_CUDA = 2 ** 27
-LOSS_MIN_ROWS = 256
-LOSS_MAX_CHUNKS_COMPILED = 16
-
-
-def _loss_chunks(num_rows, vocab_size, device):
-    rows = max((LOSS_CHUNK_LOGITS_CUDA if device.type == "cuda" else LOSS_CHUNK_LOGITS) // vocab_size, LOSS_MIN_ROWS)
-    if torch.compiler.is_compiling():
-        rows = max(rows, -(-num_rows // LOSS_MAX_CHUNKS_COMPILED))
-    return [(start, min(start + rows, num_rows)) for start in range(0, num_rows, rows)]
-
-
-def _softcap_ce_chunk(x, weight, targets, softcap, grad_scale=None, grad_weight=None):
     """
-    Cross-entropy per row of x (n, C) against targets (n,) (-1 = ignored, loss 0), of the logits
-    softcap * tanh(x @ weight.T / softcap), computed in fp32 (or fp64) from the matmul in x's dtype.
-    With grad_scale (a scalar or (n,) tensor), also the gradient of sum(grad_scale * loss) with respect
-    to x, in that same precision, and that with respect to weight is added to grad_weight (V, C).
-    In-place ops: eager mode makes fewer passes over the chunk.
+    Rotate the two halves of each head of x (B, T, H, D): (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin), by the
+    tables of GPT.rotary_tables (1, T, 1, D) = [cos, cos] and [sin, -sin]. Written as x cos + roll(x) sin, the
+    same products and sums as the two halves apart, in 4 ops instead of 8.
     """
-    precision = torch.promote_types(x.dtype, torch.float32)
-    capped = (x @ weight.t()).to(precision).div_(softcap).tanh_().mul_(softcap)  # (n, V)
-    logsumexp = torch.logsumexp(capped, dim=-1)
-    valid = targets >= 0
-    safe_targets = torch.where(valid, targets, 0)[:, None]  # ignored rows read logit 0, then get loss 0
-    loss = torch.where(valid, logsumexp - capped.gather(1, safe_targets).squeeze(1), 0.0)
-    if grad_scale is None:
-        return loss, None
-    # d loss / d capped = softmax - one_hot(target); through the cap, d capped / d logits = 1 - tanh^2.
-    # The one-hot as a comparison rather than a scatter: compiled, it fuses with the rest (measured 10-20%
-    # less CPU time for the loss than a scatter_add_).
-    grad_logits = torch.sub(capped, logsumexp[:, None]).exp_()
-    is_target = torch.arange(capped.size(1), device=x.device) == safe_targets  # (n, V)
-    grad_logits = torch.where(is_target, grad_logits - 1, grad_logits)
-    tanh_slope = capped.div_(softcap).square_().neg_().add_(1)  # capped is not needed any more
-    grad_logits.mul_(tanh_slope).mul_(torch.where(valid, grad_scale, 0.0)[:, None])
-    grad_logits = grad_logits.to(x.dtype)
-    _add_matmul_(grad_weight, grad_logits.t(), x)
-    return loss, (grad_logits @ weight).to(precision)
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
-@torch.library.custom_op("nanochat::add_matmul_", mutates_args=("out",))
-def _add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """
-    out += a @ b, the product in a's dtype (bf16 under autocast), the sum in out's (fp32). An opaque op,
-    so that torch.compile adds each chunk's share of the lm_head gradient as soon as it exists: as plain
-    ops, it fused the additions into one kernel at the end and kept every chunk's share alive till then.
-    """
-    if out.dtype == a.dtype:
-        out.addmm_(a, b)
-    else:
-        out.add_(a @ b)
-
-
-class _SoftcapCrossEntropy(torch.autograd.Function):
-    """Chunked lm_head + soft-cap + cross-entropy with its own backward; x and weight share one dtype."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, softcap, reduction):
-        ctx.reduction, ctx.softcap, ctx.dtype = reduction, softcap, x.dtype
-        chunks = _loss_chunks(x.size(0), weight.size(0), x.device)
-        if reduction == "none":  # per-token gradients do not factor out: recompute in backward
-            losses = [_softcap_ce_chunk(x[a:b], weight, targets[a:b], softcap)[0] for a, b in chunks]
-            ctx.save_for_backward(x, weight, targets)
-            return torch.cat(losses)
-        # mean over the counted tokens (0/0 = nan when none is, like F.cross_entropy), or sum
-        precision = torch.promote_types(x.dtype, torch.float32)
-        grad_scale = torch.ones((), dtype=precision, device=x.device)
-        if reduction == "mean":
-            grad_scale = grad_scale / (targets >= 0).sum()
-        total = torch.zeros((), dtype=precision, device=x.device)
-        grad_x = torch.empty(x.shape, dtype=precision, device=x.device)
-        grad_weight = torch.zeros(weight.shape, dtype=precision, device=x.device)
-        for a, b in chunks:
-            loss, grad_x[a:b] = _softcap_ce_chunk(x[a:b], weight, targets[a:b], softcap, grad_scale, grad_weight)
-            total = total + loss.sum()
-        ctx.save_for_backward(grad_x, grad_weight)
-        return total * grad_scale
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.reduction == "none":
-            x, weight, targets = ctx.saved_tensors
-            grad_x = torch.empty(x.shape, dtype=grad_output.dtype, device=x.device)
-            grad_weight = torch.zeros(weight.shape, dtype=grad_output.dtype, device=x.device)
-            for a, b in _loss_chunks(x.size(0), weight.size(0), x.device):
-                _, grad_x[a:b] = _softcap_ce_chunk(x[a:b], weight, targets[a:b], ctx.softcap, grad_output[a:b], grad_weight)
-        else:
-            grad_x, grad_weight = ctx.saved_tensors
-            grad_x, grad_weight = grad_x * grad_output, grad_weight * grad_output
-        return grad_x.to(ctx.dtype), grad_weight.to(ctx.dtype), None, None, None
-
-
-def softcap_cross_entropy(x, weight, targets, softcap, reduction="mean"):
-    """
-    F.cross_entropy(softcap * tanh(x @ weight.T / softcap), targets, ignore_index=-1, reduction=reduction)
-    for x (N, C), weight (V, C), targets (N,), without materialising the (N, V) logits or their gradient.
-    Under autocast the matmuls run in the autocast dtype, the soft-cap, softmax and loss in fp32.
-    """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be mean|sum|none, got {reduction!r}")
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    x, weight = x.to(dtype), weight.to(dtype)  # autograd carries the gradients back through these casts
-    with torch.autocast(device_type, enabled=False):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _SoftcapCrossEntropy.apply(x, weight, targets, softcap, reduction)
-        losses = torch.cat([_softcap_ce_chunk(x[a:b], weight, targets[a:b], softcap)[0]
-                            for a, b in _loss_chunks(x.size(0), weight.size(0), x.device)])
-        if reduction == "none":
-            return losses
-        return losses.sum() / (targets >= 0).sum() if reduction == "mean" else losses.sum()
-
-
-# On CPU, bf16 causal attention over short sequences is twice as fast written as plain matmuls and a softmax
-# (compiled: two bmm calls and one fused mask + softmax kernel) as through SDPA's CPU flash kernel: 18 vs 34 ms
-# forward + backward per layer at 8 x 2 heads x 512 x 128, with errors against fp64 alike (its share of a
-# training step: dev/profile_step.py). It holds the (B, H, T, T) scores, so larger problems, fp32 (the
-# reference's numerics) and GPUs use SDPA.
+# On CPU, bf16 causal attention over short sequences is faster written as plain matmuls and a softmax
+# (compiled: two bmm calls and one fused mask + softmax kernel) than through SDPA's CPU flash kernel, with
+# errors against fp64 alike (dev/profile_step.py shows its share of a step). It holds the (B, H, T, T)
+# scores, so larger problems, fp32 (the reference's numerics) and GPUs use SDPA.
 EXPLICIT_ATTENTION_MAX_SCORES = 2 ** 24  # 64 MB of fp32 scores per layer
 
 
@@ -213,23 +90,49 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_qkv = None  # q, k, v stacked into one matrix, in copies prepared for decoding (nanochat/decode.py)
 
-    def forward(self, x, cos, sin, kv_cache):
+    def project_qkv(self, x):
+        """x (B, T, C) -> the q, k and v heads side by side, (B, T, (H + 2 H_kv) D)."""
+        if self.c_qkv is not None:  # one matmul instead of three
+            return self.c_qkv(x)
+        # Three matrices in training: Muon orthogonalises each on its own, as the reference does
+        return torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], dim=-1)
+
+    def forward(self, x, cos, sin, kv_cache=None):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK norm, after rotary (as in the reference)
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.project_qkv(x).view(B, T, H + 2 * H_kv, D)
+        qk = norm(apply_rotary_emb(qkv[:, :, :H + H_kv], cos, sin))  # q and k together: rotary, then QK norm
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-
         if kv_cache is None:
-            y = causal_attention(q, k, v, enable_gqa=self.n_head != self.n_kv_head)
+            y = causal_attention(q, k, v, enable_gqa=H != H_kv)
         else:
-            y = kv_cache.attend(self.layer_idx, q, k, v)  # stores k, v; attends over the cached prefix too
-
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+            y = self.attend_with_cache(q, k, v, kv_cache)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.c_proj(y)
+
+    def attend_with_cache(self, q, k, v, kv_cache):
+        """
+        Store k, v (B, H_kv, T, D) in the cache after the positions it holds, and attend q (B, H, T, D) over
+        all of them: the cached prefix, then causally within the T new ones. The cache's dtype decides.
+        A position held on the device (a tensor: fixed-shape decode steps, one token per row) attends over
+        the cache's whole capacity with the positions not yet written masked out.
+        """
+        T, pos = q.size(2), kv_cache.pos
+        keys, values = kv_cache.insert(self.layer_idx, k, v)  # (B, H_kv, pos + T or capacity, D)
+        q = q.to(keys.dtype)
+        gqa = self.n_head != self.n_kv_head
+        if isinstance(pos, torch.Tensor):
+            visible = (kv_cache.positions <= pos).view(1, -1)  # (1, capacity)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
+        if pos == 0:  # nothing cached before: plain causal attention
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        if T == 1:  # one new token sees everything
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        visible = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -248,7 +151,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
+    def forward(self, x, cos, sin, kv_cache=None):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         x = x + self.mlp(norm(x))
         return x
@@ -271,6 +174,7 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _rotary_tables(self, base=10000):
+        """[cos, cos] and [sin, -sin] of every position's angles, (1, rotary_seq_len, 1, head_dim): see apply_rotary_emb."""
         device = self.transformer.wte.weight.device
         head_dim = self.config.n_embd // self.config.n_head
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
@@ -278,7 +182,8 @@ class GPT(nn.Module):
         # Round through bf16 as the reference does (it keeps the tables in bf16), but store fp32 so the
         # fp32 path does no mixed-dtype arithmetic; the values, and hence the logits, are identical.
         cos, sin = angles.cos().bfloat16().float(), angles.sin().bfloat16().float()
-        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, head_dim/2)
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
+        return cos[None, :, None, :], sin[None, :, None, :]
 
     @torch.no_grad()
     def init_weights(self):
@@ -350,31 +255,40 @@ class GPT(nn.Module):
         B, T = idx.size()
         if idx.device != self.cos.device:
             raise ValueError(f"idx is on {idx.device} but the model is on {self.cos.device}; move one of them")
-        if kv_cache is None:
-            if T > self.cos.size(1):
-                raise ValueError(f"positions up to {T} exceed the rotary table "
-                                 f"({self.cos.size(1)} = 10 x sequence_len); use a larger sequence_len in GPTConfig")
-            cos, sin = self.cos[:, :T], self.sin[:, :T]
-        else:
-            cos, sin = kv_cache.rotary(self.cos, self.sin, T)  # positions continue after the cached ones
+        cos, sin = self.rotary_tables(0 if kv_cache is None else kv_cache.pos, T)
 
         x = self.transformer.wte(idx)  # (B, T, n_embd)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lm_head.weight.dtype)  # the bf16 embedding of CUDA, used outside autocast
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)  # rotate in the dtype of q and k, as the reference does
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        else:  # the bf16 embedding of CUDA with fp32 matrices, used outside autocast
+            x = x.to(torch.promote_types(x.dtype, self.lm_head.weight.dtype))
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
+        if kv_cache is not None:
+            kv_cache.pos += T  # in place when the position is a tensor (a captured CUDA graph replays it)
 
-        softcap = 15.0  # logits = 15 tanh(logits / 15) keeps them in (-15, 15)
         if targets is not None:  # the same loss as F.cross_entropy of the logits below, chunk by chunk
             return softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                         softcap, reduction=loss_reduction)
+                                         LOGIT_SOFTCAP, reduction=loss_reduction)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         return logits.float()  # sampling wants fp32 even under bf16 autocast
+
+    def rotary_tables(self, start, T):
+        """The rotary tables of positions start .. start + T - 1; start may be a tensor on the device (T = 1)."""
+        if isinstance(start, torch.Tensor):
+            if T != 1:
+                raise ValueError(f"a position held in a tensor is for decoding one token per row, got {T} tokens")
+            return self.cos.index_select(1, start.view(1)), self.sin.index_select(1, start.view(1))
+        if start + T > self.cos.size(1):
+            raise ValueError(f"positions up to {start + T} exceed the rotary table ({self.cos.size(1)} = "
+                             "10 x sequence_len); use a larger sequence_len in GPTConfig")
+        return self.cos[:, start:start + T], self.sin[:, start:start + T]
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

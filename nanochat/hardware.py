@@ -1,15 +1,12 @@
 """
 What the hardware is good at, decided by looking and by measuring rather than by habit.
 
-- cpu_cache_bytes(): the largest CPU cache, for the Engine's choice of compiled matmuls.
+- cpu_cache_bytes(): the largest CPU cache, for the decode step's choice of compiled matmuls (nanochat/decode.py).
 - cpu_model(), cpu_flags() / cpu_has_native_bf16(): which CPU; does the CPU have bf16 dot-product or matrix units
-  (x86 avx512_bf16 / amx_bf16, Arm bf16)? Without them PyTorch emulates bf16 matmuls, which was
-  measured 14x slower than fp32 for a 1024x256 Newton-Schulz step.
+  (x86 avx512_bf16 / amx_bf16, Arm bf16)? Without them PyTorch emulates bf16 matmuls, far slower than fp32.
 - bf16_matmul_speedup(device): measured once per process and device (~0.1 s).
 - newton_schulz_dtype(device), choose_autocast_dtype(device): the precision choices built on that.
-- bf16_decode_speedup(device) / choose_decode_dtype(device): the same for generation (nanochat/engine.py),
-  where the matmuls have one row per sample and read more weights than the caches hold: measured with
-  the Engine's own (prepacked) matmuls, bf16 ran 2.9-4.8x faster than fp32 on a 2-core AMD EPYC (avx512_bf16).
+  (The same choice for generation, measured with the decode step's own matmuls: nanochat/decode.py.)
 - peak_flops(device): the denominator of MFU; a table of datasheet numbers for known GPUs, a short
   measured matmul peak otherwise (CPU, unknown accelerators).
 """
@@ -42,9 +39,8 @@ GPU_BF16_PEAK_FLOPS = [
     ("RTX 3090", 71e12),
 ]
 
-# Autocast pays for casts and bf16 elementwise work, so the model gains less than the matmuls do:
-# on a 2-core AMD EPYC with avx512_bf16, matmul speedups measured 1.9-4.4x gave 1.36x (2 threads)
-# to 2.0x (1 thread) for depth-4 forward+backward. Below 1.5x we expect no gain and stay in fp32.
+# Autocast pays for casts and bf16 elementwise work, so the model gains less than its matmuls do (measured
+# with dev/bench_step.py): below a 1.5x matmul speedup we expect no gain and stay in fp32.
 MIN_BF16_SPEEDUP = 1.5
 
 
@@ -93,7 +89,7 @@ def cpu_cache_bytes(sysfs="/sys/devices/system/cpu/cpu0/cache"):
     return largest
 
 
-def _device_key(device):
+def device_key(device):
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -109,12 +105,12 @@ def _sync(device):
 
 def measure_matmul_flops(device, dtype, size=512, batch=4, seconds=0.05):
     """Achieved FLOP/s of a batched (size x size) @ (size x size) matmul, best of repeated timings."""
-    device = _device_key(device)
+    device = device_key(device)
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (model init) untouched
     a = torch.randn(batch, size, size, device=device, generator=generator).to(dtype)
     b = torch.randn(batch, size, size, device=device, generator=generator).to(dtype)
     # Untimed first for as long as the timing: kernel selection, page faults, and clocks and thread pools
-    # coming up to speed (one cold 0.2 s measurement in a base_train start-up read half the peak, MFU 82%)
+    # coming up to speed (a cold measurement can read half the peak)
     warm_until = time.perf_counter() + seconds
     while True:
         torch.bmm(a, b)
@@ -149,7 +145,7 @@ def _bf16_matmul_speedup(device):
 
 def bf16_matmul_speedup(device):
     """bf16 / fp32 matmul throughput on this device (inf on CUDA with bf16, 0 where bf16 is not native)."""
-    return _bf16_matmul_speedup(_device_key(device))
+    return _bf16_matmul_speedup(device_key(device))
 
 
 def newton_schulz_dtype(device):
@@ -161,41 +157,6 @@ def newton_schulz_dtype(device):
 def choose_autocast_dtype(device):
     """torch.bfloat16 if forward/backward should run under bf16 autocast on this device, else None (plain fp32)."""
     return torch.bfloat16 if bf16_matmul_speedup(device) >= MIN_BF16_SPEEDUP else None  # inf on CUDA with bf16
-
-
-@functools.lru_cache(maxsize=None)
-def _bf16_decode_speedup(device):
-    if device.type == "cuda":
-        return float("inf") if torch.cuda.is_bf16_supported() else 0.0
-    from nanochat.engine import can_pack_weights, linear, prepare_weight  # the Engine's own matmuls
-    if device.type != "cpu" or not cpu_has_native_bf16() or not can_pack_weights(device, torch.bfloat16):
-        return 0.0
-    # One row times a stack of matrices larger than a core's caches, as a decode step of a small model reads them
-    generator = torch.Generator(device=device).manual_seed(0)
-    weights = [torch.randn(1024, 1024, generator=generator, device=device) for _ in range(8)]
-    x = torch.randn(1, 1024, generator=generator, device=device)
-    timings = {}
-    for dtype, pack in ((torch.float32, False), (torch.bfloat16, True)):
-        prepared = [prepare_weight(w, dtype, pack) for w in weights]
-        best = float("inf")
-        for _ in range(10):  # best of 10: robust to other processes on the machine
-            t0 = time.perf_counter()
-            for w in prepared:
-                linear(x, w, dtype, pack)
-            best = min(best, time.perf_counter() - t0)
-        timings[dtype] = best
-    return timings[torch.float32] / timings[torch.bfloat16]
-
-
-def bf16_decode_speedup(device):
-    """How much faster the Engine's bf16 matmuls of one row are than fp32 ones (inf on CUDA with bf16, 0 where
-    bf16 is not native). ~0.05 s on CPU, once per process."""
-    return _bf16_decode_speedup(_device_key(device))
-
-
-def choose_decode_dtype(device):
-    """The dtype Engine should decode in on this device: bf16 where its matmuls were measured clearly faster."""
-    return torch.bfloat16 if bf16_decode_speedup(device) >= MIN_BF16_SPEEDUP else torch.float32
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,4 +173,4 @@ def _peak_flops(device, dtype):
 
 def peak_flops(device, dtype=torch.bfloat16):
     """Peak matmul FLOP/s for MFU: datasheet for known GPUs, else measured (cached per process)."""
-    return _peak_flops(_device_key(device), dtype)
+    return _peak_flops(device_key(device), dtype)

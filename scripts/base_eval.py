@@ -15,7 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.common import autodetect_device_type, compute_init, compute_cleanup, get_base_dir, print0, atomic_write
+from nanochat.common import autodetect_device_type, compute_init, compute_cleanup, fail, get_base_dir, print0, atomic_write
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import load_model
 from nanochat.core_eval import ensure_eval_bundle, evaluate_core, format_results_csv
@@ -32,12 +32,6 @@ step = -1  # checkpoint step (-1 = the last one saved)
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
 configure(globals(), __file__)
 # -----------------------------------------------------------------------------
-
-def fail(message):
-    """Stop with a message for the user (no traceback)."""
-    print0(f"error: {message}")
-    compute_cleanup()
-    raise SystemExit(1)
 
 device_kind = device_type or autodetect_device_type()
 ddp, rank, local_rank, world_size, device = compute_init(device_kind)

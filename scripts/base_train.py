@@ -20,7 +20,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type,
+from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_base_dir, autodetect_device_type,
                              DummyWandb, format_seconds)
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, list_steps
@@ -75,21 +75,6 @@ save_every_minutes = -1.0  # also save once this much training time passed since
 model_tag = ""  # folder under <base>/base_checkpoints ("" = d<depth>)
 user_config = configure(globals(), __file__)  # apply --name=value overrides; the final settings, logged with the run
 # -----------------------------------------------------------------------------
-
-def fail(message, every_rank_agrees=False):
-    """
-    Stop with a message for the user (no traceback): bad settings, missing files. every_rank_agrees: an
-    error that follows from the settings alone, found alike on every rank. Under torchrun only rank 0 says
-    it then, and the other ranks leave with exit code 0, so that torchrun reports one failure and does not
-    stop rank 0 before it has printed. Otherwise (e.g. a file missing on one node) each rank says its own.
-    """
-    rank = int(os.environ.get("RANK", 0))
-    if every_rank_agrees or "RANK" not in os.environ:
-        print0(f"error: {message}")
-    else:
-        print(f"error (rank {rank}): {message}", flush=True)
-    compute_cleanup()
-    raise SystemExit(0 if every_rank_agrees and rank != 0 else 1)
 
 for name, allowed in (("dtype", ("auto", "bfloat16", "float32")), ("compile", ("auto", "true", "false"))):
     if globals()[name] not in allowed:

@@ -19,7 +19,7 @@ import sys
 
 from nanochat.chat import ChatModel, assistant_content
 from nanochat.common import autodetect_device_type, compute_init
-from nanochat.engine import DECODE_MODES
+from nanochat.decode import MODES as DECODE_MODES
 
 # how tool tokens look in the terminal
 TOOL_DISPLAY = {"<|python_start|>": "[calculator: ", "<|python_end|>": "]",
@@ -41,7 +41,7 @@ parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32",
                     help="dtype to decode in; auto: bf16 where it was measured faster")
 parser.add_argument("--decode-mode", default="", choices=["", *DECODE_MODES],
                     help="how each token is decoded (default: cuda_graph on CUDA, eager elsewhere); on CPU, compile "
-                         "takes seconds once, then decodes 2-3x faster")
+                         "takes seconds once, then decodes faster (dev/bench_engine.py)")
 args = parser.parse_args()
 
 # Loading talks on stdout; keep stdout for the conversation (with -p, just the answer).

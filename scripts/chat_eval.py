@@ -20,12 +20,14 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.common import compute_init, compute_cleanup, print0, autodetect_device_type
+from nanochat.common import compute_init, compute_cleanup, fail, print0, autodetect_device_type
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import DECODE_MODES, Engine
-from nanochat.chat_eval import ALL_TASKS, BASELINE_ACCURACY, load_task, run_chat_eval, centered_accuracy, chatcore
+from nanochat.decode import check_mode as check_decode_mode
+from nanochat.engine import Engine
+from nanochat.chat_eval import ALL_TASKS, BASELINE_ACCURACY, run_chat_eval, centered_accuracy, chatcore
 from nanochat.report import get_report
+from tasks import load_eval_task
 
 # -----------------------------------------------------------------------------
 # Settings. Each can be overridden on the command line (--name=value or the short flags above).
@@ -54,21 +56,18 @@ argv = [f"--{SHORT_FLAGS[a]}" if a in SHORT_FLAGS else a for a in sys.argv[1:]]
 user_config = configure(globals(), __file__, argv=argv)  # apply overrides; the final settings, logged with the results
 # -----------------------------------------------------------------------------
 
-def fail(message):
-    print0(f"error: {message}")
-    compute_cleanup()
-    raise SystemExit(1)
-
 task_names = task_name.split("|") if task_name else list(ALL_TASKS)
 unknown = [t for t in task_names if t not in ALL_TASKS]
 if not source:
-    fail("say which model to evaluate: -i mid|sft|rl|base")
+    fail("say which model to evaluate: -i mid|sft|rl|base", every_rank_agrees=True)
 if unknown:
-    fail(f"unknown task(s) {', '.join(unknown)}: choose from {'|'.join(ALL_TASKS)}")
+    fail(f"unknown task(s) {', '.join(unknown)}: choose from {'|'.join(ALL_TASKS)}", every_rank_agrees=True)
 if dtype not in ("auto", "bfloat16", "float32"):
-    fail(f"--dtype must be one of auto|bfloat16|float32, got {dtype!r}")
-if decode_mode not in ("", *DECODE_MODES):
-    fail(f"--decode_mode must be one of {'|'.join(DECODE_MODES)} (or empty), got {decode_mode!r}")
+    fail(f"--dtype must be one of auto|bfloat16|float32, got {dtype!r}", every_rank_agrees=True)
+try:
+    check_decode_mode(decode_mode)
+except ValueError as e:
+    fail(f"--decode-mode: {e}", every_rank_agrees=True)
 
 device_type = device_type or autodetect_device_type()
 ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
@@ -85,7 +84,7 @@ engine = Engine(model, tokenizer, decode_mode=decode_mode or None)
 accuracies, problems, seconds = {}, {}, {}
 for name in task_names:
     print0(f"{name}:")
-    task = load_task(name)
+    task = load_eval_task(name)
     t0 = time.time()
     with autocast_ctx:
         accuracies[name], problems[name] = run_chat_eval(

@@ -22,7 +22,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, DummyWandb,
+from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_base_dir, autodetect_device_type, DummyWandb,
                              format_seconds)
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import (load_model, build_model, load_checkpoint, save_checkpoint, list_steps,
@@ -35,6 +35,7 @@ from nanochat.training import (capture_rng_state, restore_rng_state, warn_change
                                use_bf16_autocast)
 from nanochat.report import get_report
 from nanochat import hardware
+from tasks import load_eval_task
 from tasks.common import TaskMixture
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -76,16 +77,10 @@ save_every = -1  # steps between checkpoints (-1 = only at the end)
 user_config = configure(globals(), __file__)  # apply --name=value overrides; the final settings, logged with the run
 # -----------------------------------------------------------------------------
 
-def fail(message):
-    """Stop with a message for the user (no traceback): bad settings, missing files."""
-    print0(f"error: {message}")
-    compute_cleanup()
-    raise SystemExit(1)
-
 if dtype not in ("auto", "bfloat16", "float32"):
-    fail(f"--dtype must be one of auto|bfloat16|float32, got {dtype!r}")
+    fail(f"--dtype must be one of auto|bfloat16|float32, got {dtype!r}", every_rank_agrees=True)
 if source not in ("mid", "base"):
-    fail(f"--source must be mid or base, got {source!r}")
+    fail(f"--source must be mid or base, got {source!r}", every_rank_agrees=True)
 
 # Compute: device, distributed group, seeds
 device_type = device_type or autodetect_device_type()
@@ -166,6 +161,8 @@ autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
 print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | peak FLOP/s for MFU: {peak_flops:.3e}")
 engine = Engine(model, tokenizer)  # for the accuracy evaluations
+accuracy_tasks = ({key: load_eval_task(name) for name, key in (("MMLU", "mmlu_acc"), ("ARC-Easy", "arc_easy_acc"))}
+                  if eval_metrics_every > 0 else {})
 
 # Optimizers at init_lr_frac of the base rates, decaying linearly to 0 over the run
 optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
@@ -273,8 +270,8 @@ while True:
     if eval_metrics_every > 0 and (last_step or (step > 0 and step % eval_metrics_every == 0)):
         model.eval()
         with torch.no_grad(), autocast_ctx:  # no gradients: twice the training batch fits
-            for name, key in (("MMLU", "mmlu_acc"), ("ARC-Easy", "arc_easy_acc")):
-                metrics[key], _ = run_chat_eval(name, tokenizer, model, engine, batch_size=2 * device_batch_size,
+            for key, task in accuracy_tasks.items():
+                metrics[key], _ = run_chat_eval(task, tokenizer, model, engine, batch_size=2 * device_batch_size,
                                                 max_problems=max_problems)
         print0(f"Step {step:05d} | " + ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
         step_log.log({"step": step, **metrics})

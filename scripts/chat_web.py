@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 import nanochat
 from nanochat.chat import ChatModel, assistant_content
 from nanochat.common import autodetect_device_type, compute_init
-from nanochat.engine import DECODE_MODES
+from nanochat.decode import MODES as DECODE_MODES
 from nanochat.tokenizer import chat_messages
 
 # Limits on one request: they bound the work and memory a single client can ask for.
@@ -71,7 +71,7 @@ parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32",
                     help="dtype to decode in; auto: bf16 where it was measured faster")
 parser.add_argument("--decode-mode", default="", choices=["", *DECODE_MODES],
                     help="how each token is decoded (default: cuda_graph on CUDA, eager elsewhere); on CPU, compile "
-                         "takes seconds once, then decodes 2-3x faster")
+                         "takes seconds once, then decodes faster (dev/bench_engine.py)")
 args = parser.parse_args()
 defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
 for name, (low, high) in [("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)]:

@@ -23,7 +23,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, DummyWandb,
+from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_base_dir, autodetect_device_type, DummyWandb,
                              format_seconds)
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import (load_model, build_model, load_checkpoint, save_checkpoint, list_steps,
@@ -75,15 +75,9 @@ save_every = -1  # steps between checkpoints (-1 = only at the end)
 user_config = configure(globals(), __file__)  # apply --name=value overrides; the final settings, logged with the run
 # -----------------------------------------------------------------------------
 
-def fail(message):
-    """Stop with a message for the user (no traceback): bad settings, missing files."""
-    print0(f"error: {message}")
-    compute_cleanup()
-    raise SystemExit(1)
-
 for name, allowed in (("dtype", ("auto", "bfloat16", "float32")), ("compile", ("auto", "true", "false"))):
     if globals()[name] not in allowed:
-        fail(f"--{name} must be one of {'|'.join(allowed)}, got {globals()[name]!r}")
+        fail(f"--{name} must be one of {'|'.join(allowed)}, got {globals()[name]!r}", every_rank_agrees=True)
 
 # Compute: device, distributed group, seeds
 device_type = device_type or autodetect_device_type()

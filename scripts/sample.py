@@ -14,12 +14,12 @@ import os
 
 import torch
 
-from nanochat import hardware
 from nanochat.chat import TextStream
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autodetect_device_type, compute_init, compute_cleanup, get_base_dir
+from nanochat.common import autodetect_device_type, compute_init, compute_cleanup, fail, get_base_dir
 from nanochat.configurator import configure
-from nanochat.engine import DECODE_MODES, Engine
+from nanochat.decode import check_mode as check_decode_mode, choose_decode_dtype
+from nanochat.engine import Engine, answer_enders
 
 # -----------------------------------------------------------------------------
 # Settings (--name=value on the command line; --help prints this block)
@@ -36,36 +36,34 @@ model_tag = ""  # checkpoint folder under base_checkpoints (empty = the largest 
 step = -1  # checkpoint step (-1 = the last one saved)
 # Runtime
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
-dtype = "auto"  # auto|float32|bfloat16: auto = bf16 where it decodes measurably faster (hardware.choose_decode_dtype)
+dtype = "auto"  # auto|float32|bfloat16: auto = bf16 where it decodes measurably faster (decode.choose_decode_dtype)
 decode_mode = ""  # eager|compile|cuda_graph ("" = cuda_graph on CUDA, eager elsewhere; compile: seconds once, then faster)
 configure(globals(), __file__)
 # -----------------------------------------------------------------------------
 
+if dtype not in ("auto", "float32", "bfloat16"):
+    fail(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+try:
+    check_decode_mode(decode_mode)
+except ValueError as e:
+    fail(f"--decode-mode: {e}")
 
 device_kind = device_type or autodetect_device_type()
 _, _, _, _, device = compute_init(device_kind)
 checkpoints_dir = os.path.join(get_base_dir(), "base_checkpoints")
 if not glob.glob(os.path.join(checkpoints_dir, "*", "model_*.pt")):
-    raise SystemExit(f"No base model checkpoint in {checkpoints_dir}. Train one first, e.g.:\n"
-                     "  python -m scripts.base_train --depth=4 --device_type=cpu")
+    fail(f"No base model checkpoint in {checkpoints_dir}. Train one first, e.g.:\n"
+         "  python -m scripts.base_train --depth=4 --device_type=cpu")
 try:
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
                                         step=None if step < 0 else step)
 except FileNotFoundError as e:  # e.g. a --model_tag or --step that does not exist; no tokenizer
-    raise SystemExit(str(e)) from None
-
-if dtype == "auto":
-    decode_dtype = hardware.choose_decode_dtype(device)
-elif dtype in ("float32", "bfloat16"):
-    decode_dtype = getattr(torch, dtype)
-else:
-    raise SystemExit(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
-if decode_mode not in ("", *DECODE_MODES):
-    raise SystemExit(f"--decode_mode must be one of {', '.join(DECODE_MODES)} (or empty), got {decode_mode!r}")
+    fail(str(e))
+decode_dtype = choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
 
 print(f"Model {meta.get('model_config')} at step {meta.get('step')}, decoding in {str(decode_dtype)[6:]} on {device}")
 bos = tokenizer.get_bos_token_id()
-row_enders = {bos, tokenizer.encode_special("<|assistant_end|>")}
+row_enders = answer_enders(tokenizer)
 prompt_tokens = tokenizer(prompt, prepend=bos)
 
 engine = Engine(model, tokenizer, dtype=decode_dtype, decode_mode=decode_mode or None)

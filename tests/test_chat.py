@@ -107,7 +107,7 @@ def test_cli_compiled_decoding_gives_the_same_answer(chat_base_dir):
                for mode in ([], ["--decode-mode", "compile"])]
     assert all(result.returncode == 0 for result in results), results[1].stderr
     assert results[1].stdout == results[0].stdout  # greedy, fp32: the same tokens; nothing else on stdout
-    assert "compiling the decode step" in results[1].stderr and "decoding uncompiled" not in results[1].stderr
+    assert "compiling the decode step" in results[1].stderr and "decoding eagerly" not in results[1].stderr
 
 
 def test_cli_missing_model_says_what_to_train(tmp_path):

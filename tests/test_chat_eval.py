@@ -12,7 +12,7 @@ import torch
 from nanochat.chat_eval import (ALL_TASKS, BASELINE_ACCURACY, centered_accuracy, chatcore, run_categorical_eval,
                                 run_chat_eval, run_generative_eval)
 from nanochat.engine import Engine
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
 LETTERS = ["A", "B", "C", "D"]
@@ -65,37 +65,27 @@ class AnswerTask:
         return completion.strip() == conversation["messages"][-1]["content"]
 
 
-class ScriptedModel(torch.nn.Module):
+class ScriptedModel(GPT):
     """
     Answers from a script: {prompt ids: answer ids}. After a known prompt, the logits put the next answer
     token first (then <|assistant_end|>); batches may be padded on the right. With a KV cache (the Engine)
-    it keeps each row's history itself and fills the cache with zeros so the Engine's bookkeeping runs.
+    it stores the token ids themselves as keys, so each row's history follows the Engine's cache copies.
     """
 
     def __init__(self, vocab_size, script, assistant_end):
-        super().__init__()
-        self.config = GPTConfig(sequence_len=512, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=4)
+        super().__init__(GPTConfig(sequence_len=512, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=4))
         self.script = {tuple(p): list(a) + [assistant_end] for p, a in script.items()}
-        self.history = None
         self.forward_batch_sizes = []
 
-    def get_device(self):
-        return torch.device("cpu")
-
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         B, T = idx.shape
         self.forward_batch_sizes.append(B)
         rows = idx.tolist()
         if kv_cache is not None:
-            if kv_cache.get_pos() == 0:
-                self.history = rows
-            else:
-                if len(self.history) != B:  # prefill (batch 1) -> one row per sample
-                    self.history = [list(self.history[0]) for _ in range(B)]
-                self.history = [h + r for h, r in zip(self.history, rows)]
-            zeros = torch.zeros(B, 1, T, 4)
-            kv_cache.attend(0, zeros, zeros, zeros)
-            rows = self.history
+            ids = idx.float().view(B, 1, T, 1).expand(B, 1, T, 4)
+            keys, _ = kv_cache.insert(0, ids, ids)
+            kv_cache.pos += T
+            rows = keys[:, 0, :, 0].long().tolist()
         logits = torch.zeros(B, T, self.config.vocab_size)
         for b, row in enumerate(rows):
             offset = len(row) - T  # position of idx[b, 0] in the row
@@ -106,7 +96,7 @@ class ScriptedModel(torch.nn.Module):
                     k = offset + t - (len(prompt) - 1)  # answer token predicted at this position
                     if 0 <= k < len(answer):
                         logits[b, t, answer[k]] = 10.0
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def scripted(tokenizer, tasks_and_answers):

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from dev.toy_task_data import WORDS, write_task_data
+from toy_task_data import WORDS, write_task_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300

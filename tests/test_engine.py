@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from nanochat.calculator import use_calculator
-from nanochat.engine import (DecodeWeights, Engine, KVCache, can_pack_weights, cpu_compile_settings, decode_forward,
-                             sample_next_token)
-from nanochat.gpt import GPTConfig, build_gpt
+from nanochat.decode import PreparedLinear, can_pack_weights, cpu_compile_settings, prepare_for_decoding, run_step
+from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.gpt import GPT, GPTConfig, build_gpt
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,13 +54,21 @@ class CharTokenizer:
 
 
 # -----------------------------------------------------------------------------
-# KV cache
+# KV cache (storage) and the model's attention over it
 
-def _attend_all_layers(cache, k, v, q=None):
-    """One forward's worth of attend calls: the same k, v in every layer; returns the last layer's output."""
+def _attention(n_head=3, n_kv_head=3, head_dim=4, num_layers=2):
+    """A model's attention modules: what reads and writes the cache."""
+    config = GPTConfig(n_layer=num_layers, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_head * head_dim)
+    return [GPT(config).transformer.h[layer].attn for layer in range(num_layers)]
+
+
+def _attend_all_layers(layers, cache, k, v, q=None):
+    """One forward's worth of attention: the same q, k, v in every layer, then the model's advance of the
+    position; returns the last layer's output."""
     q = k if q is None else q
-    for layer in range(cache.num_layers):
-        y = cache.attend(layer, q, k, v)
+    for attn in layers:
+        y = attn.attend_with_cache(q, k, v, cache)
+    cache.pos += k.size(2)
     return y
 
 
@@ -72,72 +80,89 @@ def _reference_attention(q, k, v):
     return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
 
 
-def test_kv_cache_attends_over_prefix_and_advances_after_last_layer():
-    torch.manual_seed(0)
+def test_kv_cache_stores_and_returns_what_was_written():
     cache = KVCache(batch_size=2, num_heads=3, seq_len=8, head_dim=4, num_layers=2)
     k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    y = cache.attend(0, k, k, v)
-    assert cache.get_pos() == 0  # not until the last layer has attended
-    torch.testing.assert_close(y, _reference_attention(k, k, v))
-    cache.attend(1, k, k, v)
+    keys, values = cache.insert(1, k, v)
+    assert torch.equal(keys, k) and torch.equal(values, v) and cache.get_pos() == 0  # storing does not advance
+    cache.pos = 5
+    k2 = torch.randn(2, 3, 2, 4)
+    keys, _ = cache.insert(1, k2, k2)
+    assert torch.equal(keys, torch.cat([k, k2], 2))
+    with pytest.raises(ValueError, match="cache holds"):
+        cache.insert(0, torch.randn(2, 4, 1, 4), torch.randn(2, 4, 1, 4))
+
+
+@pytest.mark.parametrize("n_kv_head", [3, 1], ids=["mha", "gqa"])
+def test_attention_over_the_cache_sees_the_prefix_and_is_causal_within_a_chunk(n_kv_head):
+    torch.manual_seed(0)
+    layers = _attention(n_head=3, n_kv_head=n_kv_head)
+    cache = KVCache(batch_size=2, num_heads=n_kv_head, seq_len=8, head_dim=4, num_layers=2)
+    expand = lambda t: t.repeat_interleave(3 // n_kv_head, dim=1)  # each key/value head serves its query heads
+    k, v, q = torch.randn(2, n_kv_head, 5, 4), torch.randn(2, n_kv_head, 5, 4), torch.randn(2, 3, 5, 4)
+    y = _attend_all_layers(layers, cache, k, v, q)
+    torch.testing.assert_close(y, _reference_attention(q, expand(k), expand(v)))
     assert cache.get_pos() == 5
-    # a chunk of 2 after the 5 cached: sees all of them, causal within itself
-    k2, v2, q2 = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
-    y = _attend_all_layers(cache, k2, v2, q2)
-    torch.testing.assert_close(y, _reference_attention(q2, torch.cat([k, k2], 2), torch.cat([v, v2], 2)))
-    assert cache.get_pos() == 7 and torch.equal(cache.k[1][:, :, 5:7], k2) and torch.equal(cache.v[0][:, :, :5], v)
+    # a chunk of 2 after the 5 cached: sees all of them, causal within itself; then one token
+    for T in (2, 1):
+        k2, v2, q2 = torch.randn(2, n_kv_head, T, 4), torch.randn(2, n_kv_head, T, 4), torch.randn(2, 3, T, 4)
+        y = _attend_all_layers(layers, cache, k2, v2, q2)
+        k, v = torch.cat([k, k2], 2), torch.cat([v, v2], 2)
+        torch.testing.assert_close(y, _reference_attention(q2, expand(k), expand(v)))
+    assert cache.get_pos() == 8 and torch.equal(cache.k[1][:, :, :8], k) and torch.equal(cache.v[0][:, :, :8], v)
     cache.reset()
     assert cache.get_pos() == 0
 
 
-def test_kv_cache_rotary_continues_after_cached_positions():
-    cos = torch.arange(10.0).view(1, 10, 1, 1)
-    cache = KVCache(batch_size=1, num_heads=1, seq_len=8, head_dim=2, num_layers=1)
-    _attend_all_layers(cache, torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2))
-    c, s = cache.rotary(cos, -cos, 2)
-    assert c.flatten().tolist() == [3.0, 4.0] and s.flatten().tolist() == [-3.0, -4.0]
+def test_rotary_tables_continue_after_cached_positions():
+    model = GPT(GPTConfig(sequence_len=4, n_layer=1, n_head=1, n_kv_head=1, n_embd=8))
+    cos, sin = model.rotary_tables(3, 2)
+    assert torch.equal(cos, model.cos[:, 3:5]) and torch.equal(sin, model.sin[:, 3:5])
+    position = torch.tensor(3)  # a position held on the device: one token
+    assert torch.equal(model.rotary_tables(position, 1)[0], model.cos[:, 3:4])
     with pytest.raises(ValueError, match="rotary table"):
-        cache.rotary(cos, cos, 8)
+        model.rotary_tables(39, 2)  # 10 x sequence_len positions
 
 
 def test_kv_cache_grows_and_keeps_contents():
     cache = KVCache(batch_size=2, num_heads=3, seq_len=4, head_dim=5, num_layers=3)
-    for t in range(4):
-        _attend_all_layers(cache, torch.full((2, 3, 1, 5), float(t)), torch.full((2, 3, 1, 5), -float(t)))
-    capacity = cache.k[0].size(2)
-    _attend_all_layers(cache, torch.full((2, 3, 1, 5), 4.0), torch.full((2, 3, 1, 5), -4.0))  # one past the capacity
-    assert cache.k[0].size(2) > capacity and cache.get_pos() == 5
+    for t in range(5):  # the last one past the capacity
+        for layer in range(3):
+            cache.insert(layer, torch.full((2, 3, 1, 5), float(t)), torch.full((2, 3, 1, 5), -float(t)))
+        cache.pos += 1
+    assert cache.k[0].size(2) > 4 and cache.get_pos() == 5
     expected = torch.arange(5.0).view(1, 1, 5, 1).expand(2, 3, 5, 5)
     for layer in range(3):
         assert torch.equal(cache.k[layer][:, :, :5], expected) and torch.equal(cache.v[layer][:, :, :5], -expected)
 
 
-def test_kv_cache_static_position_matches_slices():
-    # the static form (position tensor, whole capacity, masked) that compiled steps and CUDA graphs run
+def test_position_on_the_device_matches_an_int_position():
+    # the form that compiled static steps and CUDA graphs run (position tensor, whole capacity, masked)
     torch.manual_seed(0)
+    layers = _attention(n_head=2, n_kv_head=2)
     sliced = KVCache(batch_size=2, num_heads=2, seq_len=16, head_dim=4, num_layers=2, dtype=torch.float32)
     static = KVCache(batch_size=2, num_heads=2, seq_len=16, head_dim=4, num_layers=2, dtype=torch.float32)
     prompt_k, prompt_v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
     for cache in (sliced, static):
-        _attend_all_layers(cache, prompt_k, prompt_v)
+        _attend_all_layers(layers, cache, prompt_k, prompt_v)
     for layer in range(2):  # whatever the unwritten memory holds (here NaN), the static form must not see it
         static.k[layer][:, :, 5:] = float("nan")
         static.v[layer][:, :, 5:] = float("nan")
-    static.make_static()
-    cos = torch.randn(1, 16, 1, 4)
+    static.hold_position_on_device()
     for _ in range(4):
         k, v, q = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
-        assert torch.equal(static.rotary(cos, cos, 1)[0], sliced.rotary(cos, cos, 1)[0])
-        torch.testing.assert_close(_attend_all_layers(static, k, v, q), _attend_all_layers(sliced, k, v, q))
-        static.pos += 1  # the host side of a static step advances with the step runner
-        assert static.pos_tensor.item() == static.pos == sliced.pos
+        torch.testing.assert_close(_attend_all_layers(layers, static, k, v, q),
+                                   _attend_all_layers(layers, sliced, k, v, q))
+        assert static.pos.item() == sliced.pos
 
 
 def test_kv_cache_prefill_broadcasts_batch_one():
     torch.manual_seed(0)
     small = KVCache(batch_size=1, num_heads=2, seq_len=3, head_dim=4, num_layers=2)
     prompt = torch.randn(1, 2, 3, 4)
-    _attend_all_layers(small, prompt, 2 * prompt)
+    for layer in range(2):
+        small.insert(layer, prompt, 2 * prompt)
+    small.pos = 3
     big = KVCache(batch_size=3, num_heads=2, seq_len=10, head_dim=4, num_layers=2)
     big.prefill(small)
     assert big.get_pos() == 3 and big.k[0].shape == (3, 2, 10, 4)
@@ -145,8 +170,8 @@ def test_kv_cache_prefill_broadcasts_batch_one():
         assert torch.equal(big.k[1][row, :, :3], prompt[0]) and torch.equal(big.v[1][row, :, :3], 2 * prompt[0])
     # rows diverge after the shared prefix
     new = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 1, 4)
-    _attend_all_layers(big, new, new)
-    assert big.get_pos() == 4 and torch.equal(big.k[0][:, :, 3:4], new)
+    big.insert(0, new, new)
+    assert torch.equal(big.k[0][:, :, 3:4], new)
     # incompatible shapes are refused with a message
     with pytest.raises(ValueError):
         KVCache(batch_size=3, num_heads=5, seq_len=10, head_dim=4, num_layers=2).prefill(small)
@@ -260,20 +285,33 @@ def test_static_decode_form_matches_slices(model_and_tokenizer):
     # the form that "compile" and "cuda_graph" run (position tensor, whole capacity, masked), here uncompiled
     model, tokenizer = model_and_tokenizer
     prompt = torch.tensor([tokenizer.encode("hello there")] * 3)
-    weights = DecodeWeights(model, torch.float32, pack=False)
+    decoder = prepare_for_decoding(model, torch.float32, pack=False)
     caches = [KVCache(3, model.config.n_kv_head, 64, 16, model.config.n_layer, dtype=torch.float32) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
             model(prompt, kv_cache=cache)
-        caches[1].make_static()
+        caches[1].hold_position_on_device()
         ids = prompt[:, -1:]
         for _ in range(10):
-            sliced = decode_forward(weights, caches[0], ids)
-            static = decode_forward(weights, caches[1], ids)
-            caches[1].pos += 1
+            sliced = run_step(decoder, caches[0], ids)
+            static = run_step(decoder, caches[1], ids)
             torch.testing.assert_close(static, sliced)
             ids = sliced.argmax(-1, keepdim=True)
-    assert caches[1].pos_tensor.item() == caches[0].pos == prompt.size(1) + 10
+    assert caches[1].pos.item() == caches[0].pos == prompt.size(1) + 10
+
+
+def test_prepared_copy_runs_the_models_forward_with_the_same_logits(model_and_tokenizer):
+    # the decode step is the model's own forward on a copy with q/k/v stacked: in fp32 the same numbers
+    model, tokenizer = model_and_tokenizer
+    decoder = prepare_for_decoding(model, torch.float32, pack=False)
+    assert type(decoder) is type(model) and decoder.transformer.wte.weight is model.transformer.wte.weight
+    assert model.transformer.h[0].attn.c_qkv is None  # the model itself is untouched
+    idx = torch.tensor([tokenizer.encode("hello there you")])
+    caches = [KVCache(1, model.config.n_kv_head, 64, 16, model.config.n_layer, dtype=torch.float32) for _ in range(2)]
+    with torch.no_grad():
+        for chunk in (idx[:, :9], idx[:, 9:10], idx[:, 10:11]):
+            torch.testing.assert_close(decoder(chunk, kv_cache=caches[0]), model(chunk, kv_cache=caches[1]),
+                                       rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -283,7 +321,7 @@ def test_compiled_decode_matches_eager(model_and_tokenizer, capsys):
     eager = _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
     compiled = _columns(Engine(model, tokenizer, decode_mode="compile"), prompt, num_samples=2, max_tokens=12,
                         temperature=0.0)
-    assert "decoding uncompiled" not in capsys.readouterr().out  # it compiled, no fallback
+    assert "decoding eagerly" not in capsys.readouterr().out  # it compiled, no fallback
     assert compiled == eager
     # a trained model (new weights) recompiles rather than reusing the frozen ones
     engine = Engine(model, tokenizer, decode_mode="compile")
@@ -307,7 +345,7 @@ def test_compiled_cpu_decode_compiles_once_for_every_position(model_and_tokenize
     monkeypatch.setattr(hardware, "cpu_cache_bytes", lambda: cache_bytes)
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, decode_mode="compile")
-    templates = "max_autotune" in cpu_compile_settings(engine.decode_weights(torch.float32, pack=False))
+    templates = "max_autotune" in cpu_compile_settings(engine.decoder.prepare(model, torch.float32, pack=False))
     assert templates == (cache_bytes > 0)
     prompts = [tokenizer.encode(text) for text in ("ab", "a longer prompt than that", "abc")]
     _columns(engine, prompts[0], max_tokens=4, temperature=0.0)  # compiles
@@ -325,7 +363,7 @@ def test_engine_rejects_an_unknown_decode_mode(model_and_tokenizer):
 
 
 def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypatch, capsys):
-    import nanochat.engine as engine_module
+    import nanochat.decode as decode_module
 
     attempts = []
 
@@ -334,15 +372,15 @@ def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypat
         raise RuntimeError("no C++ compiler")
 
     model, tokenizer = model_and_tokenizer
-    monkeypatch.setattr(engine_module, "compiled_decode_forward", lambda: broken)
+    monkeypatch.setattr(decode_module, "compiled_step", lambda: broken)
     prompt = tokenizer.encode("abc")
     engine = Engine(model, tokenizer, decode_mode="compile")
     expected = _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
     assert _columns(engine, prompt, num_samples=2, max_tokens=12, temperature=0.0) == expected
-    assert capsys.readouterr().out.count("decoding uncompiled") == 1
+    assert capsys.readouterr().out.count("decoding eagerly") == 1
     # the next generation of the same weights does not try (and fail, and say so) again
     assert _columns(engine, prompt, num_samples=2, max_tokens=12, temperature=0.0) == expected
-    assert "decoding uncompiled" not in capsys.readouterr().out and len(attempts) == 1
+    assert "decoding eagerly" not in capsys.readouterr().out and len(attempts) == 1
 
 
 def test_bf16_decode_follows_the_model(model_and_tokenizer):
@@ -357,9 +395,7 @@ def test_bf16_decode_follows_the_model(model_and_tokenizer):
     assert torch.all(chosen >= logits.max(dim=1).values - 0.25)
     if can_pack_weights("cpu", torch.bfloat16):  # the prepacked matmul is the plain bf16 one, bit for bit
         x, w = torch.randn(3, 64).bfloat16(), torch.randn(96, 64)
-        weights = DecodeWeights(model, torch.bfloat16, pack=True)
-        assert torch.equal(weights.linear(x, torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1)),
-                           torch.nn.functional.linear(x, w.bfloat16()))
+        assert torch.equal(PreparedLinear(w, torch.bfloat16, pack=True)(x), torch.nn.functional.linear(x, w.bfloat16()))
 
 
 def test_cpu_decode_picks_its_threads_and_gives_them_back(model_and_tokenizer):
@@ -371,7 +407,7 @@ def test_cpu_decode_picks_its_threads_and_gives_them_back(model_and_tokenizer):
         got = _columns(engine, prompt, max_tokens=12, temperature=0.0)
         assert torch.get_num_threads() == 2  # restored after every step
         assert got == [_naive_decode(model, prompt, 12)]
-        trials = engine._weights.thread_trials[1]
+        trials = engine.decoder.thread_trials[1]
         assert set(trials) == {1, 2} and all(len(times) == 3 for times in trials.values())  # 6 trial steps, then fixed
     finally:
         torch.set_num_threads(1)
@@ -396,32 +432,26 @@ def test_engine_sees_weights_change(model_and_tokenizer):
 # -----------------------------------------------------------------------------
 # Tool use and row endings with a scripted model
 
-class ScriptedModel(torch.nn.Module):
+class ScriptedModel(GPT):
     """
     Row b proposes scripts[b][p] as the token at position p + 1, whatever came before (the batch-1
-    prefill uses scripts[0]), and honours the KV-cache protocol like the real GPT does.
+    prefill uses scripts[0]). A GPT whose forward reads only the position, so the Engine runs it like any GPT.
     """
 
     def __init__(self, scripts, vocab_size):
-        super().__init__()
-        self.config = type("Config", (), dict(n_layer=2, n_head=1, n_kv_head=1, n_embd=4, sequence_len=64))()
-        self.scripts, self.vocab_size = scripts, vocab_size
+        super().__init__(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=1, n_kv_head=1, n_embd=4))
+        self.scripts = scripts
 
-    def get_device(self):
-        return torch.device("cpu")
-
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if kv_cache is not None:
-            for layer in range(self.config.n_layer):
-                zeros = torch.zeros(B, 1, T, 4)
-                kv_cache.attend(layer, zeros, zeros, zeros)
-        logits = torch.zeros(B, T, self.vocab_size)
+        logits = torch.zeros(B, T, self.config.vocab_size)
         for b in range(B):
             for t in range(T):
                 logits[b, t, self.scripts[b][T0 + t]] = 10.0
-        return logits
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return logits[:, -1:] if last_only else logits
 
 
 def test_tool_use_forces_calculator_output_with_mask_zero():

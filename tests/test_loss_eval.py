@@ -95,9 +95,9 @@ def test_real_gpt_with_uniform_logits_matches_closed_form():
 
 def test_real_gpt_matches_the_loss_of_its_full_logits(monkeypatch):
     """The GPT's chunked per-token loss gives the bpb of F.cross_entropy over its full logits."""
-    import nanochat.gpt
-    monkeypatch.setattr(nanochat.gpt, "LOSS_MIN_ROWS", 5)  # several chunks per batch
-    monkeypatch.setattr(nanochat.gpt, "LOSS_CHUNK_LOGITS", 1)
+    import nanochat.loss
+    monkeypatch.setattr(nanochat.loss, "LOSS_MIN_ROWS", 5)  # several chunks per batch
+    monkeypatch.setattr(nanochat.loss, "LOSS_CHUNK_LOGITS", 1)
     token_bytes = make_token_bytes()
     batches = make_batches(3)
     model = tiny_gpt(uniform=False)

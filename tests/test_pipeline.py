@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import write_text_parquet
-from dev.toy_task_data import write_task_data
+from toy_task_data import write_task_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN_SHARDS = 3  # shards 0..2 train, shard 3 validation

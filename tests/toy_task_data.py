@@ -3,7 +3,7 @@ Tiny stand-ins for every task set the chat stages read, generated from a seed, i
 NANOCHAT_TASKS_URL serves (<org>/<name>/<config>/<split>/0000.parquet, the hub's columns), plus a word list
 and identity conversations. For tests and GPU checks that must not touch the network or ../shared.
 
-    python -m dev.toy_task_data OUT_DIR [--long]   # then NANOCHAT_TASKS_URL=file://OUT_DIR etc.
+    python tests/toy_task_data.py OUT_DIR [--long]   # then NANOCHAT_TASKS_URL=file://OUT_DIR etc.
 
 --long makes the SmolTalk conversations hundreds of words long, so that SFT rows have a realistic length.
 """
@@ -81,6 +81,6 @@ def write_task_data(root, rng, long=False):
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        raise SystemExit("usage: python -m dev.toy_task_data OUT_DIR [--long]")
+        raise SystemExit("usage: python tests/toy_task_data.py OUT_DIR [--long]")
     write_task_data(sys.argv[1], random.Random(0), long="--long" in sys.argv[2:])
     print(f"Toy task data in {sys.argv[1]}: NANOCHAT_TASKS_URL=file://{os.path.abspath(sys.argv[1])}")

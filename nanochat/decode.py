@@ -1,0 +1,282 @@
+"""
+The Engine's decode step, fast: the model's own forward (nanochat/gpt.py) for one new token per row, run on
+a copy of the model prepared for it, in one of three modes.
+
+The copy (prepare_for_decoding) shares the embedding and the rotary tables with the model and holds its
+matrices cast to the decode dtype once, each layer's q/k/v matrices stacked into one (one matmul instead of
+three), and on CPU in bf16 prepacked into oneDNN's blocked layout: for a matmul of a few rows the fixed cost
+of each call, not the arithmetic, sets the pace. The Decoder rebuilds it when the model's parameters change.
+
+Modes (MODES, chosen per Engine):
+- "eager": plain PyTorch ops. On CPU with several threads, the first steps of each batch size time one
+  thread against torch's number and keep the faster (a matmul of a few rows can lose by waking the others).
+- "compile": torch.compile of the step. On CPU the weights are frozen into the generated code and the cache
+  position is symbolic, so one compiled step per batch size serves every position and prompt (see
+  cpu_compile_settings); elsewhere the fixed-shape form is compiled (the position held in a tensor on the
+  device, attention over the cache's whole capacity with the unwritten positions masked out).
+- "cuda_graph": the fixed-shape form captured once as a CUDA graph and replayed: one launch per token.
+A compile or capture that fails says so once, and the Decoder decodes eagerly from then on.
+"""
+
+import copy
+import functools
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat import hardware
+from nanochat.common import print0
+
+MODES = ("eager", "compile", "cuda_graph")
+
+
+def check_mode(mode):
+    """A decode mode as given by a user (None or "" = the device's default), or a ValueError saying the choices."""
+    if mode not in (None, "", *MODES):
+        raise ValueError(f"decode mode must be one of {'|'.join(MODES)} (or empty: cuda_graph on CUDA, eager "
+                         f"elsewhere), got {mode!r}")
+    return mode or None
+
+
+def can_pack_weights(device, dtype):
+    """oneDNN's prepacked matmul: on CPU, in bf16 (plain bf16 matmuls of one row are slow there)."""
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class PreparedLinear(nn.Module):
+    """
+    x @ weight.T with the weight cast to dtype once and, with pack=True, reordered once into oneDNN's blocked
+    layout (then the matmul goes straight to oneDNN: the same result as F.linear on the same bf16 weights).
+    The weight is a buffer, so that a compiled step can freeze it into its code.
+    """
+
+    def __init__(self, weight, dtype, pack):
+        super().__init__()
+        self.dtype, self.pack = dtype, pack
+        weight = weight.detach().to(dtype)
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight,
+                             persistent=False)
+
+    def forward(self, x):
+        if self.pack:
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, None, "none", [None], "")
+        return F.linear(x.to(self.dtype), self.weight)
+
+
+def prepare_for_decoding(model, dtype, pack):
+    """A copy of model (same class, same forward) that shares its tensors but multiplies by PreparedLinear."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    decoder = copy.deepcopy(model, memo=shared)  # the modules are copied, the tensors shared
+    for block in decoder.transformer.h:
+        attn, mlp = block.attn, block.mlp
+        attn.c_qkv = PreparedLinear(torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]), dtype, pack)
+        del attn.c_q, attn.c_k, attn.c_v
+        attn.c_proj = PreparedLinear(attn.c_proj.weight, dtype, pack)
+        mlp.c_fc = PreparedLinear(mlp.c_fc.weight, dtype, pack)
+        mlp.c_proj = PreparedLinear(mlp.c_proj.weight, dtype, pack)
+    decoder.lm_head = PreparedLinear(model.lm_head.weight, dtype, pack)
+    return decoder.eval()
+
+
+def matrix_bytes(decoder):
+    """Bytes of the matrices one decode step reads (the embedding is only looked up)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in decoder.modules() if isinstance(m, PreparedLinear))
+
+
+def run_step(decoder, cache, ids):
+    """ids (B, 1) -> fp32 logits (B, V) of the next position; the cache advances by one."""
+    return decoder(ids, kv_cache=cache)[:, -1]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_step():
+    """torch.compile(run_step), made on first use (one per process; it compiles again per weights and batch size)."""
+    return torch.compile(run_step, fullgraph=True)
+
+
+# How the step is compiled on CPU (settings in force while its first call compiles it):
+# - freezing: the prepared weights become constants of the code, prepacked for its matmuls;
+# - the cache position (KVCache.pos, read as cache.pos) symbolic from the start, so one compiled step serves
+#   every position, attending over the filled part of the cache only;
+# - when the weights fit in half the largest CPU cache: max_autotune with inductor's C++ GEMM templates as
+#   candidates. The matmuls of a few rows then become generated code instead of oneDNN calls, whose fixed
+#   cost dominates a small model's step. Autotuning times each candidate with the weights hot in cache, so
+#   when they do not fit in it the templates win the timing and lose in use (dev/bench_engine.py, --depth).
+CPU_COMPILE_DYNAMIC = "L['cache'].pos"
+
+
+def cpu_compile_settings(decoder):
+    """Inductor settings for compiling the decode step on CPU with this prepared copy (see above)."""
+    settings = dict(freezing=True)
+    if 2 * matrix_bytes(decoder) <= hardware.cpu_cache_bytes():
+        settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # no tables
+    return settings
+
+
+class Decoder:
+    """
+    How an Engine runs its decode steps: the mode (one of MODES; None = cuda_graph on CUDA, eager elsewhere),
+    the model prepared for it, and what the mode has learned on the way: the batch sizes compiled, the thread
+    count chosen per batch size, and whether compiling failed.
+    """
+
+    def __init__(self, mode=None):
+        self.mode = check_mode(mode)
+        self.prepared, self.prepared_key = None, None
+        self.compiled_batch_sizes = set()  # CPU: the batch sizes compiled for the current prepared copy
+        self.thread_trials = {}  # CPU eager, per batch size: {threads: [seconds per step]}
+        self.failed = False  # compiling or capturing failed once: eager from then on
+
+    def prepare(self, model, dtype, pack):
+        """The prepared copy of model, rebuilt only when a parameter was changed (trained) or moved since."""
+        key = (dtype, pack, [(p.data_ptr(), p._version) for p in model.parameters()])
+        if key != self.prepared_key:
+            self.prepared, self.prepared_key = prepare_for_decoding(model, dtype, pack), key
+            self.compiled_batch_sizes = set()
+        return self.prepared
+
+    def start(self, model, cache, dtype):
+        """A step function for one generation on this cache: ids (B, 1) -> fp32 logits (B, V)."""
+        device = cache.k[0].device
+        mode = self.mode or ("cuda_graph" if device.type == "cuda" else "eager")
+        if mode == "cuda_graph" and device.type != "cuda":
+            raise ValueError(f"cuda_graph decoding needs the model on a CUDA device, not {device}")
+        eager = mode == "eager" or self.failed
+        decoder = self.prepare(model, dtype, pack=eager and can_pack_weights(device, dtype))
+        if eager:
+            if device.type == "cpu" and torch.get_num_threads() > 1:
+                return lambda ids: self._on_fastest_threads(decoder, cache, ids)
+            return lambda ids: run_step(decoder, cache, ids)
+        if mode == "compile" and device.type == "cpu":
+            return lambda ids: self._compiled_on_cpu(decoder, cache, ids)
+        cache.hold_position_on_device()  # the fixed-shape form: the compiled step or graph serves every position
+        if mode == "compile":
+            return lambda ids: self._or_eager(lambda: compiled_step()(decoder, cache, ids), decoder, cache, ids)
+        return CapturedStep(self, decoder, cache)
+
+    def _on_fastest_threads(self, decoder, cache, ids):
+        """
+        The eager step on one thread or torch's number, whichever was faster: the first 6 steps of a batch size
+        alternate between the two, then the faster is kept.
+        """
+        threads = torch.get_num_threads()
+        trials = self.thread_trials.setdefault(ids.size(0), {1: [], threads: []})
+        decided = all(len(times) >= 3 for times in trials.values())
+        use = min(trials, key=lambda n: min(trials[n])) if decided else min(trials, key=lambda n: len(trials[n]))
+        if decided and use == threads:
+            return run_step(decoder, cache, ids)  # nothing to switch
+        torch.set_num_threads(use)
+        try:
+            t0 = time.perf_counter()
+            logits = run_step(decoder, cache, ids)
+            if not decided:
+                trials[use].append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        return logits
+
+    def _compiled_on_cpu(self, decoder, cache, ids):
+        batch_size = ids.size(0)
+        if self.failed or batch_size in self.compiled_batch_sizes:
+            return self._or_eager(lambda: compiled_step()(decoder, cache, ids), decoder, cache, ids)
+        import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
+        print0(f"Engine: compiling the decode step for batch size {batch_size} (seconds; once per process, "
+               "batch size and weights)")
+
+        def compile_and_run():
+            with (torch._inductor.config.patch(cpu_compile_settings(decoder)),
+                  torch.compiler.config.patch(dynamic_sources=CPU_COMPILE_DYNAMIC)):
+                return compiled_step()(decoder, cache, ids)
+
+        logits = self._or_eager(compile_and_run, decoder, cache, ids)
+        self.compiled_batch_sizes.add(batch_size)
+        return logits
+
+    def _or_eager(self, compiled, decoder, cache, ids):
+        """compiled(), or after a compiler failure the same step eagerly (said once, then always eager)."""
+        if not self.failed:
+            pos = cache.pos.clone() if isinstance(cache.pos, torch.Tensor) else cache.pos
+            try:
+                return compiled()
+            except Exception as e:  # a compiler or capture failure (a real error shows again below, eagerly)
+                print0(f"Engine: {self.mode} decoding failed ({type(e).__name__}: {str(e)[:300]}); decoding eagerly")
+                self.failed = True
+                if isinstance(pos, torch.Tensor):
+                    cache.pos.copy_(pos)
+                else:
+                    cache.pos = pos
+        return run_step(decoder, cache, ids)
+
+
+class CapturedStep:
+    """The fixed-shape step captured as a CUDA graph at its first call, then replayed (one launch per token)."""
+
+    def __init__(self, owner, decoder, cache):
+        self.owner, self.decoder, self.cache = owner, decoder, cache
+        self.graph = None
+
+    def __call__(self, ids):
+        if self.graph is not None:
+            self.static_ids.copy_(ids)
+            self.graph.replay()
+            return self.static_logits  # overwritten by the next replay: sample from it first
+        return self.owner._or_eager(lambda: self._capture(ids), self.decoder, self.cache, ids)
+
+    def _capture(self, ids):
+        # Warm up on a side stream (lazy initialisations must not happen during capture); the warm-up is the
+        # real step, and the position goes back before the capture so that the first replay redoes it.
+        cache, start = self.cache, self.cache.pos.clone()
+        self.static_ids = ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run_step(self.decoder, cache, self.static_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.pos.copy_(start)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_logits = run_step(self.decoder, cache, self.static_ids)
+        graph.replay()
+        self.graph = graph
+        return self.static_logits
+
+
+# -----------------------------------------------------------------------------
+# Which dtype to decode in: bf16 where the Engine's own matmuls of one row measured clearly faster
+
+@functools.lru_cache(maxsize=None)
+def _bf16_decode_speedup(device):
+    if device.type == "cuda":
+        return float("inf") if torch.cuda.is_bf16_supported() else 0.0
+    if device.type != "cpu" or not hardware.cpu_has_native_bf16() or not can_pack_weights(device, torch.bfloat16):
+        return 0.0
+    # One row times a stack of matrices larger than a core's caches, as a decode step of a small model reads them
+    generator = torch.Generator(device=device).manual_seed(0)
+    weights = [torch.randn(1024, 1024, generator=generator, device=device) for _ in range(8)]
+    x = torch.randn(1, 1024, generator=generator, device=device)
+    timings = {}
+    for dtype, pack in ((torch.float32, False), (torch.bfloat16, True)):
+        matrices = [PreparedLinear(w, dtype, pack) for w in weights]
+        best = float("inf")
+        for _ in range(10):  # best of 10: robust to other processes on the machine
+            t0 = time.perf_counter()
+            for matrix in matrices:
+                matrix(x)
+            best = min(best, time.perf_counter() - t0)
+        timings[dtype] = best
+    return timings[torch.float32] / timings[torch.bfloat16]
+
+
+def bf16_decode_speedup(device):
+    """How much faster the Engine's bf16 matmuls of one row are than fp32 ones (inf on CUDA with bf16, 0 where
+    bf16 is not native). ~0.05 s on CPU, once per process."""
+    return _bf16_decode_speedup(hardware.device_key(device))
+
+
+def choose_decode_dtype(device):
+    """The dtype the Engine should decode in on this device: bf16 where its matmuls were measured clearly faster."""
+    return torch.bfloat16 if bf16_decode_speedup(device) >= hardware.MIN_BF16_SPEEDUP else torch.float32
