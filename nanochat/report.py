@@ -36,12 +36,19 @@ PIPELINE_SECTIONS = [
     "Chat evaluation mid",
     "Chat SFT",
     "Chat evaluation sft",
+    "Chat RL",
+    "Chat evaluation rl",
 ]
 IMAGE_DIR = "@@IMAGE_DIR@@"  # replaced by the image folder relative to each copy of report.md
 PLOTS = [("train_loss.png", "loss", "train loss"), ("val_bpb.png", "val_bpb", "val bpb")]
-# the chat phases: (section, checkpoint folder, file prefix, evaluation key in log.jsonl, its label)
-CHAT_PHASES = [("Midtraining", "mid_checkpoints", "mid", "val_bpb", "val bpb (validation mixture)"),
-               ("Chat SFT", "chatsft_checkpoints", "sft", "val_loss", "val loss (SmolTalk test)")]
+# the chat phases: (section, checkpoint folder, file prefix, (training key, label), (evaluation key, label)) of
+# what their log.jsonl holds
+CHAT_PHASES = [("Midtraining", "mid_checkpoints", "mid", ("loss", "train loss"),
+                ("val_bpb", "val bpb (validation mixture)")),
+               ("Chat SFT", "chatsft_checkpoints", "sft", ("loss", "train loss"),
+                ("val_loss", "val loss (SmolTalk test)")),
+               ("Chat RL", "chatrl_checkpoints", "rl", ("reward", "mean reward (GSM8K train)"),
+                ("pass@1", "pass@1 (GSM8K test)"))]
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]  # the reference's table
 
 
@@ -240,8 +247,9 @@ def core_table(base_dir, eval_items):
 
 
 def chat_phase_curves(report_dir, base_dir, section, items):
-    """Markdown with the train loss and evaluation plots of a chat phase (mid or SFT), from its log.jsonl."""
-    _, folder, prefix, eval_key, eval_label = next(p for p in CHAT_PHASES if p[0] == section)
+    """Markdown with the training and evaluation plots of a chat phase (mid, SFT, RL), from its log.jsonl."""
+    _, folder, prefix, (train_key, train_label), (eval_key, eval_label) = next(p for p in CHAT_PHASES
+                                                                               if p[0] == section)
     tag = items.get("Model tag")
     path = os.path.join(base_dir, folder, tag or "", "log.jsonl")
     if not tag or not os.path.exists(path):
@@ -251,27 +259,54 @@ def chat_phase_curves(report_dir, base_dir, section, items):
         path = max(paths, key=os.path.getmtime)
     train, evals = read_training_log(path, eval_key)
     lines = [f"{section} curves (`{os.path.relpath(path, base_dir)}`):", ""]
-    for file_name, points, key, label in ((f"{prefix}_train_loss.png", train, "loss", "train loss"),
-                                          (f"{prefix}_{eval_key}.png", evals, eval_key, eval_label)):
+    for file_name, points, key, label in ((f"{prefix}_train_{train_key}.png", train, train_key, train_label),
+                                          (f"{prefix}_{eval_key.replace('@', '_at_')}.png", evals, eval_key,
+                                           eval_label)):
         points = [r for r in points if isinstance(r.get(key), (int, float))]
         if points:
             save_plot(os.path.join(report_dir, file_name), [r["step"] for r in points], [r[key] for r in points],
                       label, f"{section}: {label} vs step")
             lines += [f"![{section} {label}]({IMAGE_DIR}/{file_name})", ""]
+    if evals and "pass@1" in evals[-1]:  # pass@k against k, at the first and the last evaluation
+        file_name = f"{prefix}_pass_at_k.png"
+        save_pass_at_k_plot(os.path.join(report_dir, file_name), evals[0], evals[-1], section)
+        lines += [f"![{section} pass@k]({IMAGE_DIR}/{file_name})", ""]
     return "\n".join(lines)
 
 
+def save_pass_at_k_plot(path, first, last, section):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for record, style in ((first, "o--"), (last, "o-")):
+        ks = sorted(int(key[5:]) for key in record if key.startswith("pass@"))
+        ax.plot(ks, [record[f"pass@{k}"] for k in ks], style, markersize=3, label=f"step {record['step']}")
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("pass@k")
+    ax.set_title(f"{section}: pass@k (GSM8K test)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
 def phase_table(items_of):
-    """The reference's table: CORE of the base model, then the chat metrics of the midtrained and SFT models."""
-    columns = [items_of.get("base-model-evaluation", {}), items_of.get("chat-evaluation-mid", {}),
-               items_of.get("chat-evaluation-sft", {})]
-    if not columns[1] and not columns[2]:
+    """The reference's table: CORE of the base model, then the chat metrics of the midtrained, SFT and RL models
+    (the RL column only when RL ran: it is evaluated on GSM8K)."""
+    columns = {"BASE": items_of.get("base-model-evaluation", {}), "MID": items_of.get("chat-evaluation-mid", {}),
+               "SFT": items_of.get("chat-evaluation-sft", {}), "RL": items_of.get("chat-evaluation-rl", {})}
+    if not columns["MID"] and not columns["SFT"]:
         return ""
-    lines = ["| Metric | BASE | MID | SFT |", "|---|---|---|---|"]
+    if not columns["RL"]:
+        del columns["RL"]
+    lines = ["| Metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for metric in ["CORE", *CHAT_METRICS]:
-        key = "CORE metric" if metric == "CORE" else metric
-        cells = [columns[0].get(key) if metric == "CORE" else None] + [c.get(key) if metric != "CORE" else None
-                                                                          for c in columns[1:]]
+        cells = [column.get("CORE metric") if name == "BASE" else None for name, column in columns.items()]
+        if metric != "CORE":
+            cells = [None if name == "BASE" else column.get(metric) for name, column in columns.items()]
         lines.append(f"| {metric} | " + " | ".join(cell if cell is not None else "-" for cell in cells) + " |")
     return "\n".join(lines)
 

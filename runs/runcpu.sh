@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on a laptop CPU, about 20 minutes on 2 cores: data -> tokenizer -> pretraining a tiny
-# model -> val bpb and samples -> CORE -> midtraining -> chat eval -> SFT -> chat eval -> report.md.
+# model -> val bpb and samples -> CORE -> midtraining -> chat eval -> SFT -> chat eval -> a few steps of RL
+# -> GSM8K eval -> report.md.
 # The model is far too small to be good; the point is to see every stage run and read its report.
 #
 #   bash runs/runcpu.sh
@@ -40,6 +41,8 @@ SFT_STEPS=${NANOCHAT_RUNCPU_SFT_STEPS:-40}                  # SFT steps (SFT_EXA
 SFT_EXAMPLES=${NANOCHAT_RUNCPU_SFT_EXAMPLES:-8}             # conversations per SFT step
 CHAT_PROBLEMS=${NANOCHAT_RUNCPU_CHAT_PROBLEMS:-24}          # problems per chat_eval task
 CHAT_MAX_TOKENS=${NANOCHAT_RUNCPU_CHAT_MAX_TOKENS:-128}     # longest answer in the generative tasks
+RL_STEPS=${NANOCHAT_RUNCPU_RL_STEPS:-8}                     # RL steps (4 problems x 4 samples each)
+RL_MAX_TOKENS=${NANOCHAT_RUNCPU_RL_MAX_TOKENS:-64}          # longest sampled answer in RL
 MODEL_TAG="d${DEPTH}"
 # Threads that wait for work sleep instead of spinning: with anything else running on the machine,
 # spinning threads made training ~3x slower here (2.1 s vs 6.1 s per step with other jobs running).
@@ -107,6 +110,15 @@ resumable_stage "SFT" chatsft_checkpoints "$BASE_DIR/report/chat-sft.md" \
         --eval_every="$EVAL_EVERY" --eval_steps=8 --eval_metrics_every=-1 --eval_metrics_max_problems="$CHAT_PROBLEMS"
 stage "chat evaluation (sft)" "$BASE_DIR/report/chat-evaluation-sft.md" \
     python -m scripts.chat_eval -i sft -g "$MODEL_TAG" -x "$CHAT_PROBLEMS" -m "$CHAT_MAX_TOKENS"
+
+# RL on GSM8K: a few steps at toy size (the real stage samples 16 problems x 16 answers of up to 256 tokens per
+# step for an epoch), then GSM8K again. At this size the rewards stay near 0: the point is to see the stage run.
+resumable_stage "RL" chatrl_checkpoints "$BASE_DIR/report/chat-rl.md" \
+    python -m scripts.chat_rl --model_tag="$MODEL_TAG" --num_iterations="$RL_STEPS" --examples_per_step=4 \
+        --num_samples=4 --device_batch_size=4 --max_new_tokens="$RL_MAX_TOKENS" --eval_every="$RL_STEPS" \
+        --eval_examples="$CHAT_PROBLEMS" --save_every="$RL_STEPS"
+stage "chat evaluation (rl)" "$BASE_DIR/report/chat-evaluation-rl.md" \
+    python -m scripts.chat_eval -i rl -g "$MODEL_TAG" -a GSM8K -x "$CHAT_PROBLEMS" -m "$CHAT_MAX_TOKENS"
 
 # The report card: <base>/report.md, copied (with its plots) into the directory this was run from.
 STAGE="report"

@@ -38,6 +38,10 @@ class Task:
         """1 or True if the completion (an assistant reply as text) answers the conversation's problem."""
         raise NotImplementedError(f"{type(self).__name__} is for training only: it has no evaluation")
 
+    def reward(self, conversation, completion):
+        """The reinforcement-learning reward of a completion (nanochat/rl.py): 1.0 when evaluate passes it."""
+        return float(self.evaluate(conversation, completion))
+
 
 class TaskMixture(Task):
     """

@@ -38,10 +38,12 @@ TOY_SIZES = {
     "NANOCHAT_RUNCPU_SFT_EXAMPLES": "4",
     "NANOCHAT_RUNCPU_CHAT_PROBLEMS": "2",
     "NANOCHAT_RUNCPU_CHAT_MAX_TOKENS": "4",
+    "NANOCHAT_RUNCPU_RL_STEPS": "2",
+    "NANOCHAT_RUNCPU_RL_MAX_TOKENS": "4",
 }
 SECTIONS = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Training curves",
             "Base model loss", "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT",
-            "Chat evaluation sft", "Summary"]
+            "Chat evaluation sft", "Chat RL", "Chat evaluation rl", "Summary"]
 
 
 def make_words(rng, n):
@@ -145,7 +147,9 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
                  workdir / "report.md", workdir / "report_files" / "train_loss.png",
                  base / "mid_checkpoints" / tag_dir.name / "model_000003.pt",
                  base / "chatsft_checkpoints" / tag_dir.name / "model_000002.pt",
-                 base / "report" / "mid_train_loss.png", base / "report" / "sft_train_loss.png"]
+                 base / "chatrl_checkpoints" / tag_dir.name / "model_000002.pt",
+                 base / "report" / "mid_train_loss.png", base / "report" / "sft_train_loss.png",
+                 base / "report" / "rl_train_reward.png", base / "report" / "rl_pass_at_k.png"]
     missing = [str(p.relative_to(tmp_path)) for p in expected if not p.exists()]
     assert not missing, f"missing outputs: {missing}"
     with open(tag_dir / "log.jsonl") as f:
@@ -162,7 +166,7 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
     assert positions == sorted(positions)
     assert "](report/train_loss.png)" in text and "](report/val_bpb.png)" in text
     assert "| CORE |" in text
-    assert "| Metric | BASE | MID | SFT |" in text and "| ChatCORE | - |" in text
+    assert "| Metric | BASE | MID | SFT | RL |" in text and "| ChatCORE | - |" in text
     assert "Total wall time: unknown" not in text
     assert "](report_files/train_loss.png)" in (workdir / "report.md").read_text(encoding="utf-8")
 
@@ -182,13 +186,13 @@ def test_runcpu_end_to_end_at_toy_size(served, tmp_path):
     checkpoint_mtime = os.path.getmtime(tag_dir / f"model_{STEPS:06d}.pt")
     output = run_runcpu(env, workdir)
     for name in ("tokenizer", "base model training", "base model evaluation (CORE)", "midtraining",
-                 "chat evaluation (mid)", "SFT", "chat evaluation (sft)"):
+                 "chat evaluation (mid)", "SFT", "chat evaluation (sft)", "RL", "chat evaluation (rl)"):
         assert f"[skip] {name}:" in output
     assert os.path.getmtime(tag_dir / f"model_{STEPS:06d}.pt") == checkpoint_mtime
     assert "## Base model evaluation" in (workdir / "report.md").read_text(encoding="utf-8")
 
 
 def test_run_scripts_parse():
-    for script in ("speedrun.sh", "runs/runcpu.sh"):
+    for script in ("speedrun.sh", "runs/runcpu.sh", "runs/run1000.sh", "runs/pipeline.sh"):
         result = subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script}: {result.stderr}"

@@ -214,3 +214,29 @@ def test_chat_phases_table_and_curves(base):
         assert os.path.exists(os.path.join("report_files", image))  # copied beside ./report.md
     assert text.index("## Midtraining") < text.index("mid_train_loss.png") < text.index("## Chat evaluation mid") \
         < text.index("## Chat SFT") < text.index("sft_train_loss.png") < text.index("## Chat evaluation sft")
+
+
+def test_rl_column_and_curves(base):
+    """With RL, the table gains an RL column (GSM8K only) and the RL section its reward, pass@1 and pass@k plots."""
+    report = get_report()
+    report.reset()
+    report.log("Base model evaluation", [{"CORE metric": 0.2215}])
+    report.log("Chat evaluation sft", [{"source": "sft"}, {"GSM8K": 0.05, "ARC-Easy": 0.38}])
+    folder = base / "chatrl_checkpoints" / "d2"
+    folder.mkdir(parents=True)
+    with open(folder / "log.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "pass@1": 0.05, "pass@2": 0.08}) + "\n")
+        for step in range(4):
+            f.write(json.dumps({"step": step, "reward": 0.1 * step, "loss": -0.01, "dt": 1.0}) + "\n")
+        f.write(json.dumps({"step": 4, "pass@1": 0.09, "pass@2": 0.14}) + "\n")
+    report.log("Chat RL", [{"Model tag": "d2"}])
+    report.log("Chat evaluation rl", [{"source": "rl"}, {"GSM8K": 0.0875}])
+    text = open(report.generate(), encoding="utf-8").read()
+    summary = text[text.index("## Summary"):]
+    assert "| Metric | BASE | MID | SFT | RL |" in summary
+    assert "| GSM8K | - | - | 0.0500 | 0.0875 |" in summary
+    assert "| ARC-Easy | - | - | 0.3800 | - |" in summary
+    for image in ("rl_train_reward.png", "rl_pass_at_1.png", "rl_pass_at_k.png"):
+        assert (base / "report" / image).read_bytes()[:4] == b"\x89PNG" and f"](report/{image})" in text
+    assert text.index("## Chat evaluation sft") < text.index("## Chat RL") < text.index("rl_train_reward.png") \
+        < text.index("## Chat evaluation rl")

@@ -25,12 +25,6 @@ def write_parquet(root, repo, config, split, rows):
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def write_parquet(root, repo, config, split, rows):
-    path = os.path.join(root, repo, config, split, "0000.parquet")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-
-
 def write_task_data(root, rng, long=False):
     """Tiny versions of every set the chat stages read, with the hub's columns."""
     def sentence(n):

@@ -1,0 +1,98 @@
+"""
+Reinforcement learning from a task's rewards, as the reference's chat_rl does it (scripts/chat_rl.py runs the loop):
+on-policy policy gradient, close to REINFORCE. Per problem, num_samples completions are sampled; each one's
+advantage is its reward minus the mean reward of the problem's samples (no division by the standard deviation);
+the loss is minus the sum of log p(token) x advantage over the sampled tokens, normalised by the number of
+valid tokens (token-level, not sequence-level). No KL penalty, no importance ratio or clipping: the samples
+come from the current weights.
+
+- rollouts(): the samples of one problem, their rewards, advantages, and the training batch (prompt tokens and
+  the tokens the Engine forced, such as calculator output, are not trained on: the Engine's mask 0);
+- policy_gradient_loss(): the loss of one batch of rows;
+- sample_outcomes() and pass_at_k(): how many problems one of the first k samples solves, for k = 1..K.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+def rollout_seed(step, example_index, batch_index):
+    """The sampling seed of one batch of samples: fixed by (step, problem, batch), so a run (and a resumed one)
+    draws the same rollouts (the same derivation as the reference's: the positive half of the tuple's hash)."""
+    return hash((step, example_index, batch_index)) & 0x7FFFFFFF
+
+
+@dataclass
+class Rollouts:
+    """The samples of one problem: sequences (prompt + completion ids), rewards and the training rows."""
+    sequences: list  # per sample: prompt ids then the completion's ids (without the ending token)
+    prompt_len: int
+    rewards: torch.Tensor  # (num_samples,)
+    advantages: torch.Tensor  # (num_samples,): reward minus the problem's mean reward
+    inputs: torch.Tensor  # (num_samples, T - 1) token ids, padded
+    targets: torch.Tensor  # (num_samples, T - 1) next ids; -1 where not trained on (prompt, forced, padding)
+
+    @property
+    def completion_tokens(self):
+        return sum(len(sequence) - self.prompt_len for sequence in self.sequences)
+
+
+@torch.no_grad()
+def rollouts(engine, tokenizer, task, example_index, step, num_samples, batch_size, max_new_tokens,
+             temperature=1.0, top_k=50):
+    """Sample num_samples completions of task[example_index] in batches of batch_size and score them."""
+    if num_samples % batch_size != 0:
+        raise ValueError(f"num_samples ({num_samples}) must be a multiple of the sampling batch size ({batch_size})")
+    conversation = task[example_index]
+    prompt = tokenizer.render_for_completion(conversation)
+    sequences, masks = [], []
+    for batch_index in range(num_samples // batch_size):
+        batch, batch_masks = engine.generate_batch(prompt, num_samples=batch_size, max_tokens=max_new_tokens,
+                                                   temperature=temperature, top_k=top_k,
+                                                   seed=rollout_seed(step, example_index, batch_index))
+        sequences += batch
+        masks += batch_masks
+    rewards = [task.reward(conversation, tokenizer.decode(sequence[len(prompt):])) for sequence in sequences]
+    device = engine.model.get_device()
+    rewards = torch.tensor(rewards, dtype=torch.float32, device=device)
+    inputs, targets = training_rows(sequences, masks, pad_id=tokenizer.encode_special("<|assistant_end|>"),
+                                    device=device)
+    return Rollouts(sequences, len(prompt), rewards, rewards - rewards.mean(), inputs, targets)
+
+
+def training_rows(sequences, masks, pad_id, device):
+    """(inputs, targets) of padded sequences: targets are the next ids, -1 where the next token's mask is 0."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
+    trained = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.bool, device=device)
+    targets = torch.where(trained[:, 1:], ids[:, 1:], -1)
+    return ids[:, :-1], targets
+
+
+def policy_gradient_loss(model, inputs, targets, advantages, normalizer):
+    """
+    -sum over trained tokens of log p(token) x its row's advantage, / normalizer (the caller's count of valid
+    tokens x passes x problems per rank, so that accumulated passes and ranks average as one batch).
+    """
+    log_probs = -model(inputs, targets, loss_reduction="none").view_as(inputs)  # (B, T); 0 where targets are -1
+    return -(log_probs * advantages[:, None]).sum() / normalizer
+
+
+@torch.no_grad()
+def sample_outcomes(engine, tokenizer, task, problems, num_samples, max_new_tokens, temperature=1.0, top_k=50):
+    """Per problem index in problems, whether each of num_samples samples passes task.evaluate (in order)."""
+    outcomes = []
+    for index in problems:
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k)
+        outcomes.append([bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in sequences])
+    return outcomes
+
+
+def pass_at_k(outcomes, k_max):
+    """outcomes: per problem, its samples' pass/fail in order -> [number of problems passed by one of the first
+    k samples, for k = 1..k_max] (a count, to be summed over ranks before dividing by the number of problems)."""
+    return [sum(any(samples[:k]) for samples in outcomes) for k in range(1, k_max + 1)]
