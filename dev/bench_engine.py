@@ -8,11 +8,13 @@ that load from other processes hits every contender alike.
     python -m dev.bench_engine --model_tag=d8 --batch_sizes=1,8 --max_tokens=256
     python -m dev.bench_engine --device_type=cuda                        # ours only (fp32, bf16 with CUDA graphs)
     python -m dev.bench_engine --modes=eager,compile                     # also time the compiled decode step
+    python -m dev.bench_engine --compare_dir=/path/to/ours/before       # ours before a change, as a contender
 
 The model is a base checkpoint from $NANOCHAT_BASE_DIR (the largest, or --model_tag), or a random one
 of --depth when there is none (or with --model_tag=random). Without a reference, ratios are against our
 fp32 Engine and greedy tokens are checked against the model's naive full-forward generate instead.
-Every row reports whether its greedy tokens equal the baseline's; bf16 rows are not expected to.
+Every row reports whether its tokens equal the baseline's; bf16 rows are not expected to. Two workloads:
+greedy, and sampling as a chat samples (temperature 1, top-k 50: the sampler is part of each step).
 """
 
 import glob
@@ -23,7 +25,7 @@ import time
 
 import torch
 
-from dev.reference import load_reference, reference_model
+from dev.reference import load_checkout, load_reference, reference_model
 from nanochat import hardware
 from nanochat.common import autodetect_device_type, get_base_dir
 from nanochat.configurator import configure
@@ -46,6 +48,8 @@ ttft_prompt_len = 500  # prompt tokens of the time-to-first-token runs (0 = skip
 repeats = 5  # timed rounds, every contender once per round in turn (tok/s: its fastest; ratio: median of rounds)
 dtypes = "float32,auto"  # our Engine's decode dtypes: float32, bfloat16, auto (= decode.choose_decode_dtype)
 modes = ""  # our decode modes, comma separated: eager, compile, cuda_graph ("" = the Engine's default)
+workloads = "greedy,sample"  # greedy (temperature 0) and/or sample (temperature 1, top-k 50)
+compare_dir = ""  # another checkout of this repository (e.g. before a change), its Engine timed too (empty: skip)
 ref_dir = os.environ.get("REF_DIR", "")  # a checkout of the reference nanochat (f37d45c) to time as baseline
 # Runtime
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
@@ -109,52 +113,55 @@ def main():
         ref = ref_engine.Engine(reference_model(ref_gpt, model), tokenizer)
         ref_bf16 = device.type == "cuda"  # the reference decodes under bf16 autocast on CUDA, in fp32 elsewhere
 
-        def run_reference(tokens, n, num_tokens):
+        def run_reference(tokens, n, num_tokens, **sampling):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ref_bf16):
-                yield from ref.generate(tokens, num_samples=n, max_tokens=num_tokens, temperature=0.0)
+                yield from ref.generate(tokens, num_samples=n, max_tokens=num_tokens, **sampling)
 
         contenders["reference" + (" (bf16 autocast)" if ref_bf16 else " (fp32)")] = run_reference
+    engines = {"ours": (Engine, model)}
+    if compare_dir:
+        cmp_gpt, cmp_engine = load_checkout(compare_dir, "cmp_", ("common", "calculator", "collectives", "muon",
+                                                                  "adamw", "loss", "decode"), ("gpt", "engine"))
+        engines[f"@{os.path.basename(os.path.abspath(compare_dir))}"] = (cmp_engine.Engine, reference_model(cmp_gpt, model))
     for dtype_name in dtypes.split(","):
         dtype = choose_decode_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)
         for mode in (modes.split(",") if modes else [None]):
-            engine = Engine(model, tokenizer, dtype=dtype, decode_mode=mode)
-            name = f"ours {str(dtype)[6:]}" + (" (auto)" if dtype_name == "auto" else "") + (f" {mode}" if mode else "")
-            contenders[name] = lambda tokens, n, num_tokens, engine=engine: engine.generate(
-                tokens, num_samples=n, max_tokens=num_tokens, temperature=0.0)
-            if dtype == torch.float32:
-                fp32_contenders.append(name)
+            for label, (engine_class, engine_model) in engines.items():
+                engine = engine_class(engine_model, tokenizer, dtype=dtype, decode_mode=mode)
+                name = (f"{label} {str(dtype)[6:]}" + (" (auto)" if dtype_name == "auto" else "")
+                        + (f" {mode}" if mode else ""))
+                contenders[name] = lambda tokens, n, num_tokens, engine=engine, **sampling: engine.generate(
+                    tokens, num_samples=n, max_tokens=num_tokens, **sampling)
+                if dtype == torch.float32:
+                    fp32_contenders.append(name)
     baseline = next(iter(contenders))
 
-    cpu = "?"
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else "?"
     print(f"Model: {source}, depth {config.n_layer}, width {config.n_embd}, vocab {vocab}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
     print(f"Device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-          f", CPU {cpu}, native bf16: {hardware.cpu_has_native_bf16()}, torch threads {torch.get_num_threads()}"))
+          f", CPU {hardware.cpu_description()}, torch threads {torch.get_num_threads()}"))
     print(f"bf16/fp32 decode matmul speed (decode.bf16_decode_speedup): {bf16_decode_speedup(device):.2f}x; "
           f"load average {os.getloadavg()[0]:.1f}; {repeats} alternating rounds; baseline: {baseline}")
 
-    def timed(name, tokens, n, num_tokens, first_only=False):
+    def timed(name, tokens, n, num_tokens, first_only=False, **sampling):
         sync()
         t0 = time.perf_counter()
         columns = []
-        for column, _ in contenders[name](tokens, n, num_tokens):
+        for column, _ in contenders[name](tokens, n, num_tokens, **sampling):
             columns.append(column)
             if first_only:
                 break
         sync()
         return time.perf_counter() - t0, columns
 
-    def race(tokens, n, num_tokens, first_only=False):
+    def race(tokens, n, num_tokens, first_only=False, **sampling):
         """Per contender: best time, its tokens, and the median over rounds of baseline time / its time in the
         same round (contenders alternate round after round, so a burst of load hits a round's contenders alike)."""
         best, ratios = {}, {name: [] for name in contenders}
         for round_ in range(repeats + 1):  # round 0 warms up (and compiles or captures)
             times = {}
             for name in contenders:
-                times[name], columns = timed(name, tokens, n, num_tokens, first_only)
+                times[name], columns = timed(name, tokens, n, num_tokens, first_only, **sampling)
                 if round_ == 0:
                     warmup[name] = max(warmup.get(name, 0.0), times[name])
                 elif name not in best or times[name] < best[name][0]:
@@ -164,24 +171,26 @@ def main():
         return {name: (seconds, columns, statistics.median(ratios[name])) for name, (seconds, columns) in best.items()}
 
     warmup = {}
-    print(f"\nThroughput: prompt {prompt_len} tokens, {max_tokens} new tokens per sample, greedy")
-    print(f"{'contender':<30} {'batch':>5} {'tok/s':>9} {'vs baseline':>11}  same tokens as baseline")
-    for n in [int(b) for b in batch_sizes.split(",") if b.strip()]:
-        best = race(prompt, n, max_tokens)
-        base_columns = best[baseline][1]
-        same_as = None
-        if baseline in fp32_contenders and n == 1:  # no reference: check the baseline against the naive generate
-            naive = list(model.generate(prompt, max_tokens=min(max_tokens, 32), temperature=0.0))
-            same_as = [c[0] for c in base_columns[:len(naive)]] == naive
-        for name, (seconds, columns, ratio) in best.items():
-            same = columns == base_columns
-            if name == baseline:
-                same = "(itself" + (f"; naive full forward: {same_as})" if same_as is not None else ")")
-            print(f"{name:<30} {n:>5} {n * len(columns) / seconds:>9.0f} {ratio:>10.2f}x  {same}")
+    for workload in workloads.split(","):
+        sampling = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0, top_k=50)}[workload]
+        print(f"\nThroughput: prompt {prompt_len} tokens, {max_tokens} new tokens per sample, {workload} {sampling}")
+        print(f"{'contender':<30} {'batch':>5} {'tok/s':>9} {'vs baseline':>11}  same tokens as baseline")
+        for n in [int(b) for b in batch_sizes.split(",") if b.strip()]:
+            best = race(prompt, n, max_tokens, **sampling)
+            base_columns = best[baseline][1]
+            same_as = None
+            if baseline in fp32_contenders and n == 1 and workload == "greedy":  # no reference: the naive generate
+                naive = list(model.generate(prompt, max_tokens=min(max_tokens, 32), temperature=0.0))
+                same_as = [c[0] for c in base_columns[:len(naive)]] == naive
+            for name, (seconds, columns, ratio) in best.items():
+                same = columns == base_columns
+                if name == baseline:
+                    same = "(itself" + (f"; naive full forward: {same_as})" if same_as is not None else ")")
+                print(f"{name:<30} {n:>5} {n * len(columns) / seconds:>9.0f} {ratio:>10.2f}x  {same}")
 
     if ttft_prompt_len > 0:
         print(f"\nTime to first token: prompt {ttft_prompt_len} tokens, batch 1 (the prefill forward, then one sample)")
-        best = race(long_prompt, 1, 1, first_only=True)
+        best = race(long_prompt, 1, 1, first_only=True, temperature=0.0)
         for name, (seconds, _, ratio) in best.items():
             print(f"{name:<30} {seconds * 1000:>8.1f} ms {ratio:>10.2f}x")
     print("\nFirst call (warm-up, includes any compilation or graph capture): "

@@ -8,6 +8,7 @@ its default sliding-window pattern). The steps are interleaved, so background lo
     python -m dev.bench_train_ab --ref_dir=/path/to/reference                  # or REF_DIR=...
     python -m dev.bench_train_ab --ref_dir=... --upstream_dir=/path/to/upstream --steps=20
     python -m dev.bench_train_ab --ref_dir=... --ours_fp32=false                 # skip our fp32 row
+    python -m dev.bench_train_ab --ref_dir=... --compare_dir=/path/to/ours/before  # ours before a change, too
 
 The upstream model is a different design (value embeddings, sliding windows...), so only its speed is
 comparable, not its loss.
@@ -17,6 +18,7 @@ ref_dir = ""  # checkout of the reference nanochat (f37d45c); default: $REF_DIR
 upstream_dir = ""  # checkout of upstream nanochat to include in bf16 mode; default: $UPSTREAM_DIR (empty: skip)
 steps = 10  # interleaved timed steps per contender
 ours_fp32 = "true"  # true: also ours in fp32 (--dtype=float32 of base_train), when bf16 is what it would choose
+compare_dir = ""  # another checkout of this repository (e.g. before a change), timed like ours (empty: skip)
 depth = 4  # the model of dev/bench_cpu.sh: width 64 * depth, heads 128 wide
 seq_len = 512
 batch_size = 8
@@ -78,6 +80,11 @@ contenders[f"ours ({'bf16' if our_bf16 else 'fp32'})"] = make_step(our_model, ou
 if our_bf16 and ours_fp32 == "true":
     our_fp32_model = build(our_gpt)
     contenders["ours (fp32)"] = make_step(our_fp32_model, our_fp32_model.setup_optimizers(), False, clip=True)
+if compare_dir:
+    (cmp_gpt,) = load_checkout(compare_dir, "cmp_", ("common", "collectives", "muon", "adamw", "loss"), ("gpt",))
+    cmp_model = build(cmp_gpt)
+    contenders[f"ours @ {os.path.basename(os.path.abspath(compare_dir))}"] = make_step(
+        cmp_model, cmp_model.setup_optimizers(), our_bf16, clip=True)
 if upstream_dir:
     if not os.path.isfile(os.path.join(upstream_dir, "nanochat", "optim.py")):
         raise SystemExit(f"upstream_dir={upstream_dir!r} has no nanochat/optim.py: pass a checkout of upstream "
@@ -90,8 +97,8 @@ if upstream_dir:
 g = torch.Generator().manual_seed(0)
 batches = [(torch.randint(0, vocab_size, (batch_size, seq_len), generator=g),
             torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)) for _ in range(4)]
-print(f"CPU: {hardware.cpu_model()} ({'native bf16' if hardware.cpu_has_native_bf16() else 'no native bf16'}), "
-      f"{torch.get_num_threads()} threads; depth {depth}, {batch_size} x {seq_len} tokens, vocab {vocab_size}")
+print(f"CPU: {hardware.cpu_description()}, {torch.get_num_threads()} threads; depth {depth}, "
+      f"{batch_size} x {seq_len} tokens, vocab {vocab_size}")
 for name, step in contenders.items():  # compile and warm up
     t0 = time.perf_counter()
     for i in range(2):

@@ -15,7 +15,8 @@ import torch
 def load_checkout(root, prefix, deps, names):
     """
     Modules `names` of another nanochat checkout at root, loaded as <prefix><name>; its `from nanochat.x
-    import` lines are pointed at <prefix>x, and the modules `deps` are loaded first.
+    import` lines are pointed at <prefix>x, and the modules `deps` are loaded first (those the checkout has:
+    an older checkout of ours may lack a module a newer one split out).
     """
     def load(name):
         if f"{prefix}{name}" in sys.modules:
@@ -29,6 +30,7 @@ def load_checkout(root, prefix, deps, names):
         exec(compile(source, spec.origin, "exec"), module.__dict__)
         return module
 
+    deps = [dep for dep in deps if os.path.isfile(os.path.join(root, "nanochat", f"{dep}.py"))]
     for dep in deps:
         load(dep)
     return [load(name) for name in names]

@@ -71,6 +71,14 @@ def cpu_has_native_bf16():
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cpu_description():
+    """The CPU and its bf16 units, for benchmark headers: 'AMD EPYC (AMX-BF16: no, AVX512-BF16: yes)'."""
+    flags = cpu_flags()
+    units = ", ".join(f"{name}: {'yes' if flag in flags else 'no'}"
+                      for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")))
+    return f"{cpu_model()} ({units}{', Arm bf16: yes' if 'bf16' in flags else ''})"
+
+
 SIZE_SUFFIXES = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
 
 
