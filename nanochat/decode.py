@@ -40,6 +40,15 @@ def check_mode(mode):
     return mode or None
 
 
+def session_mode(device):
+    """
+    The decode mode for a long-lived session (a chat in the terminal, the web server): on CPU compiled once at
+    load, which then decodes each token several times faster than eager (dev/bench_engine.py); elsewhere the
+    device's default. One-shot generation (a single prompt, a few samples) keeps the default: no compile to pay.
+    """
+    return "compile" if torch.device(device).type == "cpu" else None
+
+
 def can_pack_weights(device, dtype):
     """oneDNN's prepacked matmul: on CPU, in bf16 (plain bf16 matmuls of one row are slow there)."""
     return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()

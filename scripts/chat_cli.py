@@ -19,7 +19,7 @@ import sys
 
 from nanochat.chat import ChatModel, assistant_content
 from nanochat.common import autodetect_device_type, compute_init
-from nanochat.decode import MODES as DECODE_MODES
+from nanochat.decode import MODES as DECODE_MODES, session_mode
 
 # how tool tokens look in the terminal
 TOOL_DISPLAY = {"<|python_start|>": "[calculator: ", "<|python_end|>": "]",
@@ -40,16 +40,17 @@ parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mp
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="dtype to decode in; auto: bf16 where it was measured faster")
 parser.add_argument("--decode-mode", default="", choices=["", *DECODE_MODES],
-                    help="how each token is decoded (default: cuda_graph on CUDA, eager elsewhere); on CPU, compile "
-                         "takes seconds once, then decodes faster (dev/bench_engine.py)")
+                    help="how each token is decoded (default: cuda_graph on CUDA; on CPU compiled at start-up for a "
+                         "chat, which takes seconds once and then decodes faster, eager for one -p answer)")
 args = parser.parse_args()
 
 # Loading talks on stdout; keep stdout for the conversation (with -p, just the answer).
 with contextlib.redirect_stdout(sys.stderr):
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
+    decode_mode = args.decode_mode or (None if args.prompt else session_mode(device))  # one answer: no compile
     try:
         chat = ChatModel(args.source, device, model_tag=args.model_tag, step=args.step, dtype=args.dtype,
-                         decode_mode=args.decode_mode)
+                         decode_mode=decode_mode)
     except FileNotFoundError as e:  # no checkpoint or tokenizer: the message says what to train
         raise SystemExit(str(e)) from None
 tokenizer = chat.tokenizer

@@ -156,9 +156,11 @@ def in_terminal(args, chat_base_dir):
 
 
 def test_cli_interactive_session_in_a_terminal(chat_base_dir):
-    # typed into line by line as a person would: two questions, clear, one more, quit
+    # typed into line by line as a person would: two questions, clear, one more, quit; a chat session on CPU
+    # compiles its decode step while loading, before the first prompt
     with in_terminal(CLI_ARGS, chat_base_dir) as (proc, master):
         output = bytearray()
+        assert read_until(master, b"You: ", output) and b"compiling the decode step" in output
         for line in ["hello there", "and what is 12*7?", "clear", "again", "quit"]:
             assert read_until(master, b"You: ", output)
             del output[: output.rindex(b"You: ") + 5]  # keep only what comes after this prompt
@@ -175,7 +177,8 @@ def test_cli_interactive_session_in_a_terminal(chat_base_dir):
 
 def test_cli_ctrl_c_stops_an_answer_and_the_chat_goes_on(chat_base_dir):
     # the base model of chat_base_dir writes words until max_tokens: a long answer, stopped by Ctrl-C
-    with in_terminal(["-i", "base", "-m", "4000", "-t", "1", *CLI_ARGS[2:]], chat_base_dir) as (proc, master):
+    with in_terminal(["-i", "base", "-m", "4000", "-t", "1", "--decode-mode", "eager", *CLI_ARGS[2:]],
+                     chat_base_dir) as (proc, master):
         output = bytearray()
         assert read_until(master, b"You: ", output)
         os.write(master, b"tell me everything\n")
