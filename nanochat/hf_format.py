@@ -418,6 +418,9 @@ def write_folder(out_dir, model_data, model_config, tokenizer, info, card, dtype
             json.dump(nanochat_info, f, indent=2)
         with open(os.path.join(tmp_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card(num_params))
+        mode = os.stat(os.path.join(tmp_dir, "config.json")).st_mode & 0o777
+        for name in os.listdir(tmp_dir):  # safetensors writes owner-only files: give them the others' mode
+            os.chmod(os.path.join(tmp_dir, name), mode)
         old_dir = None
         if os.path.exists(out_dir):  # --force: the old folder steps aside only once the new one is complete
             old_dir = f"{tmp_dir}.old"
