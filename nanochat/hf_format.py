@@ -342,15 +342,13 @@ def model_card(info, model_config, num_params, figures, figures_note, mlx):
         ]
     else:
         lines += [
+            "`PATH` is this folder, or its repository id once on the Hub:",
+            "",
             "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-            'model = AutoModelForCausalLM.from_pretrained("PATH")',
-            'messages = [{"role": "user", "content": "Why is the sky blue?"}]',
-            "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-            "return_dict=True)",
-            "out = model.generate(**ids, max_new_tokens=100)",
-            'print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "from transformers import pipeline",
+            'chat = pipeline("text-generation", "PATH")',
+            'print(chat([{"role": "user", "content": "Why is the sky blue?"}], max_new_tokens=100)'
+            '[0]["generated_text"][-1]["content"])',
             "```",
             "",
         ]
@@ -408,7 +406,7 @@ def write_folder(out_dir, model_data, model_config, tokenizer, info, card, dtype
         NanoChatConfig(**hf_config(model_config, tokenizer, weight_dtype)).save_pretrained(tmp_dir)
         ids = special_ids(tokenizer)
         GenerationConfig(bos_token_id=ids["<|bos|>"], eos_token_id=[ids["<|assistant_end|>"], ids["<|bos|>"]],
-                         pad_token_id=ids["<|bos|>"], do_sample=True, max_length=model_config["sequence_len"],
+                         pad_token_id=ids["<|bos|>"], do_sample=True,
                          **CHAT_SAMPLING).save_pretrained(tmp_dir)
         save_torch_state_dict(weights, tmp_dir, max_shard_size=max_shard_size)
         hf_tokenizer(tokenizer, model_config["sequence_len"]).save_pretrained(tmp_dir)
