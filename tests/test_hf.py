@@ -387,3 +387,14 @@ def test_read_folder_maps_names_back(source):
     weights, model_config, tokenizer, info = read_folder(source["out_dir"])
     assert model_config == CONFIG and info["phase"] == "sft" and info["step"] == STEP
     assert set(weights) == set(source["model"].state_dict())
+
+
+def test_bench_hf_measures_at_toy_size(tmp_path):
+    # dev/bench_hf.py end to end on generated words and a depth-1 model (its figures are not checked, only produced)
+    result = subprocess.run([sys.executable, "-m", "dev.bench_hf", "--depths=1", "--gen_depths=1", "--vocab_size=600",
+                             "--corpus_dir=", "--sequence_len=64", "--gen_tokens=4", "--prompt_tokens=8", "--repeats=1",
+                             "--threads=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    for line in ["weights bit-identical: True", "HF ids equal ours on 100 of 100", "same tokens: True", "HF tok/s"]:
+        assert line in result.stdout
