@@ -158,37 +158,43 @@ def hf_config(model_config, tokenizer, dtype):
 
 
 def our_config(config, nanochat_info):
-    """GPTConfig kwargs from a config.json dict; FormatError naming the first field our GPT cannot follow."""
+    """
+    GPTConfig kwargs from a config.json dict, read as transformers reads it (its defaults fill what is
+    absent); FormatError naming the first field that our GPT cannot follow.
+    """
+    from transformers import NanoChatConfig
+
     if config.get("model_type") != "nanochat":
         raise FormatError(f"config.json has model_type {config.get('model_type')!r}, not 'nanochat'")
-    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
-    if missing := [key for key in required if not isinstance(config.get(key), int)]:
-        raise FormatError(f"config.json lacks integer {', '.join(missing)}")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    rope = config.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta", ROPE_THETA))
+    try:
+        hf = NanoChatConfig.from_dict(config)
+    except Exception as e:  # transformers' validation: type errors, impossible values
+        raise FormatError(f"config.json is not a valid NanoChatConfig ({' '.join(str(e).split())})") from None
+    for key in ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"]:
+        if not (isinstance(getattr(hf, key), int) and getattr(hf, key) > 0):
+            raise FormatError(f"config.json has {key}={getattr(hf, key)!r}, not a positive integer")
+    hidden, heads, kv_heads = hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads
+    if hidden % heads or heads % kv_heads:
+        raise FormatError(f"config.json's hidden_size {hidden}, num_attention_heads {heads} and num_key_value_heads "
+                          f"{kv_heads} do not divide evenly")
+    rope = hf.rope_parameters or {}
     # what our GPT hard-codes: each must hold, or the imported model would compute something else
     checks = [
-        ("intermediate_size", config.get("intermediate_size", 4 * hidden), 4 * hidden),
-        ("hidden_act", config.get("hidden_act", "relu2"), "relu2"),
-        ("final_logit_softcapping", config.get("final_logit_softcapping"), SOFTCAP),
-        ("attention_bias", config.get("attention_bias", False), False),
-        ("tie_word_embeddings", config.get("tie_word_embeddings", False), False),
-        ("rope_type", rope.get("rope_type", "default"), "default"),
-        ("rope_theta", float(theta), ROPE_THETA),
-        ("head_dim", config.get("head_dim") or hidden // heads, hidden // heads),
+        ("intermediate_size", hf.intermediate_size, 4 * hidden),
+        ("hidden_act", hf.hidden_act, "relu2"),
+        ("final_logit_softcapping", hf.final_logit_softcapping, SOFTCAP),
+        ("attention_bias", hf.attention_bias, False),
+        ("tie_word_embeddings", hf.tie_word_embeddings, False),
+        ("rope_type", rope.get("rope_type"), "default"),
+        ("rope_theta", rope.get("rope_theta"), ROPE_THETA),
+        ("head_dim", getattr(hf, "head_dim", None) or hidden // heads, hidden // heads),
     ]
     for key, value, ours in checks:
         if value != ours:
             raise FormatError(f"config.json has {key}={value!r} but nanochat's GPT has {ours!r}")
-    if hidden % heads or heads % kv_heads:
-        raise FormatError(f"config.json's hidden_size {hidden}, num_attention_heads {heads} and num_key_value_heads "
-                          f"{kv_heads} do not divide evenly")
     sequence_len = (nanochat_info or {}).get("model_config", {}).get("sequence_len")
-    return dict(sequence_len=sequence_len or config.get("max_position_embeddings", 2048),
-                vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"], n_head=heads,
-                n_kv_head=kv_heads, n_embd=hidden)
+    return dict(sequence_len=sequence_len or hf.max_position_embeddings, vocab_size=hf.vocab_size,
+                n_layer=hf.num_hidden_layers, n_head=heads, n_kv_head=kv_heads, n_embd=hidden)
 
 
 # -----------------------------------------------------------------------------
