@@ -277,10 +277,10 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
-def load_model(source, device, phase, model_tag=None, step=None):
+def find_checkpoint(source, model_tag=None, step=None):
     """
-    Load the model of a training phase ("base", "mid", "sft", "rl") from <base>/<phase folder>/,
-    by default the largest model tag and its last step. Returns (model, tokenizer, meta_data).
+    Where the model of a training phase ("base", "mid", "sft", "rl") is: (checkpoint_dir, model_tag, step),
+    by default the largest model tag and its last step. FileNotFoundError says what to train when none is.
     """
     if source not in CHECKPOINT_FOLDERS:
         raise ValueError(f"source must be one of {', '.join(CHECKPOINT_FOLDERS)}, got {source!r}")
@@ -301,5 +301,14 @@ def load_model(source, device, phase, model_tag=None, step=None):
             others = f" (model tags there: {', '.join(tags)})" if tags else ""
             raise FileNotFoundError(f"no checkpoints of model tag {model_tag!r} in {checkpoints_dir}{others}: "
                                     f"{train_hint}") from None
+    return checkpoint_dir, model_tag, step
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """
+    Load the model of a training phase ("base", "mid", "sft", "rl") from <base>/<phase folder>/,
+    by default the largest model tag and its last step. Returns (model, tokenizer, meta_data).
+    """
+    checkpoint_dir, _, step = find_checkpoint(source, model_tag, step)
     print0(f"Loading model from {checkpoint_dir} at step {step}")
     return build_model(checkpoint_dir, step, device, phase)

@@ -111,8 +111,9 @@ if [ ! -f "$STAMP" ] || [ "$REPO_ROOT/pyproject.toml" -nt "$STAMP" ]; then
         install_torch "$VENV/bin/python" -m pip
     fi
     check_torch "$VENV/bin/python"
+    # dev (pytest, selenium) and hf (transformers): the tests of the Hugging Face export need it, in CI too
     echo "[setup] installing nanochat and its dependencies into .venv"
-    "$VENV/bin/python" -m pip install --quiet -e "$REPO_ROOT[dev]"
+    "$VENV/bin/python" -m pip install --quiet -e "$REPO_ROOT[dev,hf]"
     touch "$STAMP"
 fi
 # shellcheck disable=SC1091
