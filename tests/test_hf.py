@@ -172,7 +172,9 @@ def test_logits_identical_with_exact_rotary_tables(source, hf_model):
     cos, sin = hf_model.model.rotary_emb(torch.zeros(1), positions)  # (1, T, head_dim), both halves alike
     half = cos.size(-1) // 2
     assert torch.equal(cos[..., :half], cos[..., half:])
-    model.cos, model.sin = cos[:, :, None, :half].contiguous(), sin[:, :, None, :half].contiguous()
+    # ours are laid out [cos, cos] and [sin, -sin] per head (gpt.apply_rotary_emb)
+    model.cos = cos[:, :, None, :].contiguous()
+    model.sin = torch.cat([sin[..., :half], -sin[..., :half]], dim=-1)[:, :, None, :].contiguous()
     assert (model.cos - source["model"].cos).abs().max() > 0  # really other tables
     ids = doc_ids(source["tokenizer"], seed=3)
     with torch.no_grad():
