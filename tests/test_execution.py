@@ -7,6 +7,7 @@ the sandbox or that honest programs still pass.
 """
 
 import ast
+import json
 import math
 import os
 import pathlib
@@ -459,3 +460,72 @@ def test_root_fallback_refuses_a_python_its_uid_cannot_read():
         execute_code("print('hi')", namespaces=False, python=sys.executable)
     message = str(refusal.value)
     assert "NANOCHAT_SANDBOX_PYTHON" in message and "CAP_SYS_ADMIN" in message and "namespaces=False" in message
+
+
+AS_A_USER = """
+import json, os, signal, subprocess, sys
+sys.path.insert(0, {repo!r})
+from nanochat.execution import execute_code
+bystander = subprocess.Popen(["sleep", "60"])  # a process of the same user, as the caller is
+program = '''
+import os, signal
+for pid in (-1, os.getppid(), {{caller}}, {{bystander}}):  # kill(0) is tried by the forgery
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+for attempt in ("open({mine!r}, 'a').write('changed')", "os.chmod({mine!r}, 0o777)", "open('/proc/{{caller}}/environ').read()",
+                "os.listdir({home!r})"):
+    try:
+        exec(attempt)
+        print('done:', attempt)
+    except OSError:
+        pass
+ready_r, ready_w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.write(ready_w, b'x')
+        os.execv('/bin/sleep', ['sleep', '{mark}'])
+    os._exit(0)
+os.read(ready_r, 1)
+print('daemon started')
+'''.format(caller=os.getpid(), bystander=bystander.pid)
+report = {{}}
+for namespaces in (True, False):
+    result = execute_code(program, namespaces=namespaces, python=sys.executable)
+    forged = execute_code({forgery!r}, test={test!r}, entry_point="add", namespaces=namespaces, python=sys.executable)
+    report[result.isolation] = [result.success, result.stdout, forged.success, forged.error]
+report["bystander alive"] = bystander.poll() is None
+bystander.kill()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="it starts the caller as another user, which needs root")
+def test_as_an_unprivileged_user(fallback_python):
+    # the same-uid cases: the program shares its uid with the runner, the caller and the user's other processes
+    uid, mark, repo = sandbox.pick_sandbox_uid(), marker(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    home = tempfile.mkdtemp()
+    try:
+        mine = os.path.join(home, "mine.txt")
+        pathlib.Path(mine).write_text("mine")
+        for path in (home, mine):
+            os.chown(path, uid, uid)
+        as_user = dict(user=uid, group=uid, extra_groups=[], env={"HOME": home, "PATH": "/usr/bin:/bin"}, cwd=home)
+        if subprocess.run([fallback_python, "-c", f"import os; assert os.access({repo!r}, os.R_OK | os.X_OK)"],
+                          **as_user).returncode:
+            pytest.skip("another user cannot read this repository")
+        script = AS_A_USER.format(repo=repo, mine=mine, home=home, mark=mark, test=ADD_TEST,
+                                  forgery=FORGERIES["kill the runner"])
+        run = subprocess.run([fallback_python, "-c", script], capture_output=True, text=True, timeout=120, **as_user)
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        assert report.pop("bystander alive") and sorted(report) == ["fallback", "namespaces"], report
+        for success, stdout, forged, error in report.values():
+            assert success and stdout == "daemon started\n", report  # it ran, and nothing else worked
+            assert not forged and "runner failed" not in error, report
+        assert pathlib.Path(mine).read_text() == "mine" and os.stat(mine).st_mode & 0o777 == 0o644
+        assert processes_with(mark) == []
+    finally:
+        shutil.rmtree(home)
