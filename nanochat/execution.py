@@ -344,6 +344,7 @@ def start_program(program, uid, judge_fd, in_namespaces):
         try:
             for fd in (requests_w, replies_r, judge_fd, program["verdict_fd"]):
                 os.close(fd)
+            sandbox.prctl(sandbox.PR_SET_DUMPABLE, 1)  # the runner's 0 would make /proc/self/uid_map root's
             requests, replies = os.fdopen(requests_r, "rb"), os.fdopen(replies_w, "wb")
             (enter_namespaces if in_namespaces else enter_fallback)(program, uid, requests, replies)
         except BaseException:
