@@ -396,10 +396,10 @@ def supervise(program, channel, judge_fd, isolation):
     verdict = dict(passed=False, timeout=False, error=None, isolation=isolation)
     try:
         with deadline(program["timeout"], program["workdir"] if isolation == "fallback" else None):
-            if channel.read() == ("done",):  # else the program raised (or left) before its end: stderr says which
-                if program["testing"]:
-                    run_test(judge, program["entry_point"], channel)
-                verdict["passed"] = True
+            finished = channel.read() == ("done",)  # else it raised (or left) before its end: stderr says which
+            if finished and program["testing"]:
+                run_test(judge, program["entry_point"], channel)
+        verdict["passed"] = finished  # only now: leaving the block checks the deadline and the disk a last time
     except SandboxStop as stop:
         verdict.update(timeout=isinstance(stop, ProgramTimeout), error=str(stop))
     except Exception as e:  # the test failed
