@@ -14,8 +14,6 @@ what order it uses them and what each one guarantees):
 
 import ctypes
 import os
-import platform
-import random
 import signal
 
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -137,7 +135,7 @@ def pick_sandbox_uid():
         choices = [(max(first, floor), min(end, 1 << 31)) for first, end in ranges if min(end, 1 << 31) > floor + 2]
         if choices:
             first, end = max(choices, key=lambda r: r[1] - r[0])
-            uid = random.randrange(first, end)
+            uid = first + int.from_bytes(os.urandom(4), "little") % (end - first)
             if uid not in (NOBODY, NOBODY + 1):
                 return uid
     raise OSError("no unprivileged uid is mapped in this user namespace")
@@ -279,7 +277,7 @@ class SockFprog(ctypes.Structure):
 
 
 def seccomp_supported():
-    return platform.machine() in ARCHITECTURES
+    return os.uname().machine in ARCHITECTURES
 
 
 def argument_rule(number, argument, tests, on_match, otherwise):
@@ -294,7 +292,7 @@ def argument_rule(number, argument, tests, on_match, otherwise):
 def install_seccomp(own_pid):
     """Refuse (EPERM) what SYSCALLS lists; signals only to own_pid (or its own process group); clone3 answers ENOSYS
     (its flags are out of a filter's reach) so that libc falls back to clone, whose namespace flags are refused."""
-    arch, column = ARCHITECTURES[platform.machine()]
+    arch, column = ARCHITECTURES[os.uname().machine]
     number = {name: numbers[column] for name, numbers in SYSCALLS.items() if numbers[column] is not None}
     deny, allow = RET_ERRNO | EPERM, RET_ALLOW
     program = [(BPF_LD_W_ABS, 0, 0, 4), (BPF_JEQ, 1, 0, arch), (BPF_RET, 0, 0, RET_KILL_PROCESS),

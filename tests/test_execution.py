@@ -25,7 +25,8 @@ from collections import namedtuple
 import pytest
 
 from nanochat import sandbox
-from nanochat.execution import MAX_DISK_BYTES, MAX_FILES, MAX_PROCESSES, SandboxUnavailable, execute_code, literal
+from nanochat.execution import SandboxUnavailable, execute_code
+from nanochat.sandbox_runner import MAX_DISK_BYTES, MAX_FILES, MAX_PROCESSES, literal
 
 ROOT = os.geteuid() == 0
 
