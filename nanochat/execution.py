@@ -4,9 +4,9 @@ Run model-written Python in a sandbox.
   execute_code(code, test=..., entry_point=...): success = the test's check(candidate) passed, candidate being the
       program's function entry_point (HumanEval, tasks/humaneval.py): a verdict the program cannot forge (below).
 
-Processes. execute_code starts a runner (nanochat/sandbox_runner.py, `python -I -S`: the standard library only,
-in a session of its own), which is trusted and not confined: it forks the program's process, which confines itself before running a line of the program, then
-supervises and judges it.
+Processes. execute_code starts a runner (nanochat/sandbox_runner.py, `python -I -S`: the standard library only, no
+site-packages), in a session of its own. The runner is trusted and not confined: it forks the program's process,
+which confines itself before running a line of the program, then supervises and judges it.
   namespaces: runner -> C (unshares) -> P, pid 1 of a new PID namespace, runs the program
   fallback:   runner -> S runs the program; used where unshare fails (Docker's default seccomp profile, sysctls that
               forbid unprivileged user namespaces) or with namespaces=False (the tests use it)
@@ -42,6 +42,11 @@ the program's address space: the runner reads it from its stdin only after forki
 controlling nothing but its answers. A program that exits early (any status) leaves check() with a call that fails.
 Without test= success is the program's own word (it says it ran to its end, which it can claim however it likes):
 never append trusted tests to untrusted code, pass them as test=.
+
+Where it is weaker (and the tests assert so): with namespaces on a kernel without Landlock, the program can read
+files that every user may read (file permissions are all that stops it); in the fallback /tmp, /run and /dev/shm
+are not private but out of reach (Landlock), and the directory's size is polled, not capped; without seccomp (other
+architectures than x86_64 and aarch64) namespaces still hide /tmp's and /run's sockets but not ones elsewhere.
 """
 
 

@@ -378,11 +378,11 @@ def confine_and_run(program, uid, requests, replies, isolation, home, readable, 
     sandbox.drop_privileges(uid)
     unreadable = [folder for folder in folders if not os.access(folder, os.R_OK | os.X_OK)]
     if any(not folder.endswith("-packages") for folder in unreadable):  # the standard library, not extra packages
-        send(replies, ("refused", f"The code sandbox cannot run programs here: it runs them as an unprivileged user "
-                                  f"(uid {uid}), who cannot read Python's standard library in {unreadable[0]} (a "
-                                  "folder above it is private). Run as a user other than root, set "
-                                  "NANOCHAT_SANDBOX_PYTHON to a Python that every user can read (such as "
-                                  "/usr/bin/python3), or let the sandbox use namespaces."))
+        send(replies, ("refused" if isolation == "fallback" else "unavailable",
+                       f"The code sandbox cannot run programs here: it runs them as an unprivileged user (uid {uid}), "
+                       f"who cannot read Python's standard library in {unreadable[0]} (a folder above it is private). "
+                       "Run as a user other than root, or set NANOCHAT_SANDBOX_PYTHON to a Python that every user can "
+                       "read (such as /usr/bin/python3), or let the sandbox use namespaces."))
         os._exit(0)
     sys.path[:] = [folder for folder in sys.path if folder not in unreadable]
     if ruleset is not None:
