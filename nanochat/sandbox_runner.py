@@ -367,8 +367,8 @@ def relocate(path, moved):
 
 def confine_and_run(program, uid, requests, replies, isolation, home, readable, writable):
     memory, processes = program["memory_bytes"], MAX_PROCESSES
-    if uid is None and isolation == "fallback":  # the user's own processes count too
-        processes += sandbox.count_tasks(os.getuid())
+    if uid is None and isolation == "fallback":  # the user's other processes count too (this one is counted already)
+        processes += sandbox.count_tasks(os.getuid()) - 1
     for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory), (resource.RLIMIT_CORE, 0),
                          (resource.RLIMIT_CPU, int(program["timeout"]) + 2), (resource.RLIMIT_FSIZE, MAX_DISK_BYTES),
                          (resource.RLIMIT_NPROC, processes)):
