@@ -173,8 +173,11 @@ def count_tasks(uid):
 # ---------------------------------------------------------------------------------------------------------------
 # Landlock: https://docs.kernel.org/userspace-api/landlock.html
 
-LANDLOCK_READ = 1 | 4 | 8  # EXECUTE, READ_FILE, READ_DIR
-LANDLOCK_FILE_ONLY = 1 | 2 | 4 | (1 << 14) | (1 << 15)  # the rights a rule on a file (not a folder) may hold
+# access rights (LANDLOCK_ACCESS_FS_*): the first 13 exist since ABI 1
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1, 2, 4, 8
+REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15  # ABI 2, 3, 5
+READ = EXECUTE | READ_FILE | READ_DIR
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # the only ones a rule on a file may hold
 
 
 class RulesetAttr(ctypes.Structure):
@@ -202,12 +205,12 @@ def landlock_ruleset(readable, writable):
     processes outside. It takes effect in landlock_restrict(); build it while the folders can still be opened.
     """
     abi = landlock_abi()
-    every_right = ((1 << 13) - 1) | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) \
-        | (1 << 15 if abi >= 5 else 0)  # + REFER (ABI 2), TRUNCATE (3), IOCTL_DEV (5)
-    attr = RulesetAttr(every_right, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+    every_right = ((1 << 13) - 1) | (REFER if abi >= 2 else 0) | (TRUNCATE if abi >= 3 else 0) \
+        | (IOCTL_DEV if abi >= 5 else 0)
+    attr = RulesetAttr(every_right, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)  # all of TCP; signals, abstract sockets
     ruleset = syscall(444, ctypes.byref(attr), 8 if abi < 4 else 16 if abi < 6 else 24, 0, what="landlock ruleset")
-    rules = [(path, LANDLOCK_READ) for path in readable] + [(path, every_right) for path in writable] \
-        + [(path, LANDLOCK_READ | 2 | (1 << 14)) for path in ("/dev/null",)]  # /dev/null also writable
+    rules = [(path, READ) for path in readable] + [(path, every_right) for path in writable]
+    rules.append(("/dev/null", READ | WRITE_FILE | TRUNCATE))
     for path, rights in rules:
         try:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -215,7 +218,7 @@ def landlock_ruleset(readable, writable):
             continue
         try:
             if not os.path.isdir(path):
-                rights &= LANDLOCK_FILE_ONLY
+                rights &= FILE_RIGHTS
             syscall(445, ruleset, 1, ctypes.byref(PathBeneathAttr(rights & every_right, fd)), 0,
                     what=f"landlock rule {path}")  # LANDLOCK_RULE_PATH_BENEATH
         finally:
