@@ -88,7 +88,9 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, test
     before the test (the problem's prompt). namespaces=False forces the fallback. python: the interpreter
     (default: $NANOCHAT_SANDBOX_PYTHON, else this one). Raises SandboxUnavailable where no isolation is possible.
     """
-    assert test is None or entry_point, "test= needs entry_point=, the name of the function that check() tests"
+    if test is not None and not entry_point:
+        raise ValueError("execute_code(test=...) needs entry_point=, the name of the program's function that check() "
+                         "tests")
     python = python or os.environ.get("NANOCHAT_SANDBOX_PYTHON") or sys.executable
     scratch = tempfile.mkdtemp(prefix="nanochat-exec-")
     try:

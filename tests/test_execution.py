@@ -129,6 +129,8 @@ def test_verdict_of_a_test(box):
     assert not failed.success and failed.error == "AssertionError: 2 + 3", failed
     raising = box.run("def add(a, b):\n    raise ValueError('no adding today')\n", **check)
     assert not raising.success and raising.error == "ValueError: no adding today"
+    with pytest.raises(ValueError, match="needs entry_point="):
+        box.run(WRONG_ADD, test=ADD_TEST)
     missing = box.run("def plus(a, b):\n    return a + b\n", **check)
     assert not missing.success and "defines no function add" in missing.error
     broken = box.run("def add(a, b):\n    return a + b\n\nraise RuntimeError('at import')\n", **check)
