@@ -52,8 +52,12 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation, completion):
-        """True if the completion's program passes the problem's tests in the sandbox."""
+        """
+        True if the completion's program passes the problem's tests. The program runs in the sandbox; the tests run
+        outside it, calling its function with plain data (nanochat/execution.py), so the program cannot fake a pass.
+        """
         from nanochat.execution import execute_code
-        program = "\n\n".join([extract_imports(conversation["messages"][0]["content"]), extract_program(completion),
-                               conversation["test"]]) + f"\ncheck({conversation['entry_point']})"
-        return execute_code(program).success
+        prompt = conversation["messages"][0]["content"]
+        program = "\n\n".join([extract_imports(prompt), extract_program(completion)])
+        return execute_code(program, test=conversation["test"], entry_point=conversation["entry_point"],
+                            test_setup=prompt).success

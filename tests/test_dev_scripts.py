@@ -1,8 +1,9 @@
 """
 The measuring scripts in dev/ run end to end at toy size (their numbers are not checked, only that
 they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss), dev/profile_step.py and
-dev/bench_engine.py (decode speed; without the reference), and how dev/reference.py loads another
-checkout next to ours (dev/bench_train_ab.py says what it needs without one).
+dev/bench_engine.py (decode speed; without the reference), dev/bench_sandbox.py (the sandbox's cost per
+problem), and how dev/reference.py loads another checkout next to ours (dev/bench_train_ab.py says what it needs
+without one).
 """
 
 import os
@@ -68,3 +69,12 @@ def test_bench_train_ab_says_what_it_needs():
     result = subprocess.run([sys.executable, "-m", "dev.bench_train_ab", "--ref_dir=/nonexistent"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600, env=dict(os.environ, REF_DIR=""))
     assert result.returncode != 0 and "karpathy/nanochat at f37d45c" in result.stdout + result.stderr
+
+
+def test_bench_sandbox_times_each_mode_and_compares_verdicts():
+    # generated problems; our own execution.py stands in for another checkout's
+    result = subprocess.run([sys.executable, "-m", "dev.bench_sandbox", "--problems=2", "--data=",
+                             f"--baseline={REPO_ROOT}/nanochat/execution.py"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "ms/call" in result.stdout and "namespaces " in result.stdout and "verdicts agree across modes" in result.stdout
