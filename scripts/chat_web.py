@@ -54,6 +54,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import nanochat
@@ -273,6 +274,8 @@ async def read_json(request):
 
     try:
         await asyncio.wait_for(receive(), args.client_timeout)
+    except ClientDisconnect:  # nobody to answer: this ends the request without a traceback in the log
+        raise ApiError(400, "the client left before its body was in") from None
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {args.client_timeout:g} s "
                             f"({len(body)} bytes came)", headers=close) from None
