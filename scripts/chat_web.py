@@ -8,16 +8,17 @@ Chat with a trained model in the browser, or from any OpenAI client: one FastAPI
 Endpoints:
     GET  /                     the chat page (nanochat/ui.html, one self-contained file)
     POST /chat/completions     {"messages": [{"role", "content"}, ...], "temperature", "top_k", "max_tokens"}
-                               -> server-sent events: data: {"token": "..."} per piece of text, then data: {"done": true}
+                               -> server-sent events: data: {"token": "..."} per piece of text, then
+                                  data: {"done": true}
     POST /v1/chat/completions  OpenAI's chat completions (base URL http://localhost:8000/v1): a chat.completion
                                with usage, or with "stream": true chat.completion.chunk events, then data: [DONE]
     GET  /v1/models            the one model served
     GET  /health               is the server up, how many workers are free
     GET  /stats                requests and tokens served, per worker
 
-Both chat endpoints take the same checked request to the same generation: the OpenAI one also takes seed,
-stop, max_completion_tokens, content as a list of text parts and the developer role, takes top_p, n and
-the penalties at their neutral values only (a 400 that says why otherwise), and ignores the model name.
+Both chat endpoints take the same checked request to the same generation. Besides the fields above they take
+OpenAI's: seed, stop, max_completion_tokens, content as a list of text parts and the developer role; top_p, n
+and the penalties at their neutral values only (a 400 that says why otherwise); the model name is ignored.
 
 Each GPU holds one replica of the model (a CPU or MPS machine holds one), in a pool: a request takes a
 free replica or waits its turn, so concurrent users queue instead of colliding. Generation runs in a
@@ -147,7 +148,7 @@ def host_name(host_header):
 
 allowed_hosts = LOCAL_HOST_NAMES | {host_name(name) for name in args.allowed_hosts.split(",") if name.strip()}
 if wildcard_host:  # the names and addresses other machines may use for this one
-    allowed_hosts |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    allowed_hosts.add(socket.gethostname().lower())  # not getfqdn(): a DNS lookup that may hang without a network
     allowed_hosts |= {address.address.split("%")[0].lower() for addresses in psutil.net_if_addrs().values()
                       for address in addresses if address.family in (socket.AF_INET, socket.AF_INET6)}
 else:

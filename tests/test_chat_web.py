@@ -64,7 +64,7 @@ def server_process(chat_base_dir, tmp_path_factory):
     """(process, (host, port)) of a chat_web server of the word-salad base model, for the whole module."""
     proc, address = start_server(chat_base_dir, "base", tmp_path_factory.mktemp("chat_web") / "server.log",
                                  "--max-connections", str(MAX_CONNECTIONS), "--max-queue", str(MAX_QUEUE),
-                                 "--client-timeout", str(CLIENT_TIMEOUT))
+                                 "--client-timeout", str(CLIENT_TIMEOUT), "--allowed-hosts", "chat.example")
     yield proc, address
     proc.terminate()
     proc.wait(timeout=60)
@@ -101,7 +101,8 @@ def post(server, body, headers=None):
     """Send a chat request; returns (connection, response) with the body unread."""
     conn = http.client.HTTPConnection(*server, timeout=120)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request("POST", "/chat/completions", body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    conn.request("POST", "/chat/completions", body=data, headers=headers)
     return conn, conn.getresponse()
 
 
@@ -407,6 +408,18 @@ def test_hostile_request_is_refused(server, run_probe, status, message):
     result = run_probe(server, timeout=60)
     assert result not in (None, "timeout"), result
     assert result[0] == status and message in json.loads(result[2])["detail"], result
+
+
+def test_host_header_must_name_this_server(server):
+    def status(path, host):
+        result = probe.exchange(server, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), timeout=60)
+        return result[0]
+
+    port = server[1]
+    for host in [f"localhost:{port}", f"[::1]:{port}", "LocalHost.", f"127.0.0.1:{port}", f"chat.example:{port}"]:
+        assert status("/health", host) == 200, host
+    for host in [f"rebind.example:{port}", "127.0.0.1.nip.io", "localhost.rebind.example", "chat.example.evil"]:
+        assert status("/", host) == 400 and status("/health", host) == 400, host
 
 
 def test_endless_body_is_cut_off_without_being_held(server_process):
