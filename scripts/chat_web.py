@@ -270,8 +270,8 @@ async def read_json(request):
         async for chunk in request.stream():
             body.extend(chunk)
             if len(body) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is over {len(body) - 1} bytes, the limit is {MAX_BODY_BYTES}",
-                               headers=close)
+                raise ApiError(413, f"the request body passed the limit of {MAX_BODY_BYTES} bytes (reading "
+                                    f"stopped at {len(body)})", headers=close)
 
     try:
         await asyncio.wait_for(receive(), args.client_timeout)
