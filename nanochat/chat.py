@@ -96,6 +96,8 @@ class ChatModel:
         Stream the answer to a rendered prompt: one text piece per generated token ('' while a character
         is incomplete), until the model ends its turn, max_tokens, or the context length it was trained on.
         A character cut off by the limit is dropped. Raises ValueError if the prompt leaves no room.
+        The generator returns why the answer ended (StopIteration.value): "stop" when the model ended its
+        turn, "length" when it ran into max_tokens or the context (OpenAI's finish_reason values).
         """
         room = self.context_len - len(prompt)
         if room <= 0:
@@ -107,5 +109,6 @@ class ChatModel:
                                                     temperature=temperature, top_k=top_k, seed=seed):
             token = token_column[0]  # one sample
             if token in enders:
-                return
+                return "stop"
             yield stream.add(token)
+        return "length"
