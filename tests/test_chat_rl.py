@@ -286,3 +286,12 @@ def test_chat_rl_two_ranks_equal_one(rl_base):
     assert_same_rl_run(rl_folder(rl_base, "d1"), rl_folder(rl_base, "ranks"), exact=False)
     meta = json.load(open(os.path.join(rl_folder(rl_base, "ranks"), "meta_000004.json")))
     assert meta["user_config"]["examples_per_step"] == 2
+
+
+def test_bench_rl_times_a_step_without_the_reference(rl_base):
+    env = dict(os.environ, OMP_NUM_THREADS="1", REF_DIR="")
+    result = subprocess.run([sys.executable, "-m", "dev.bench_rl", "--model_tag=d1", "--examples=1", "--num_samples=2",
+                             "--device_batch_size=2", "--max_new_tokens=4", "--steps=1", "--device_type=cpu"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rollout tok/s" in result.stdout and "\nours " in result.stdout and "reference" not in result.stdout
