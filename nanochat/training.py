@@ -192,8 +192,8 @@ def reuse_thread_count(saved, device):
         return
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if threads > cpus:
-        print0(f"warning: the run being resumed computed with {threads} CPU threads and only {cpus} CPUs are "
-               f"available here: continuing with {now} threads, so the numbers may differ in the last digits")
+        print0(f"warning: the run being resumed computed with {threads} CPU threads, more than the {cpus} CPUs "
+               f"available here: continuing with {now}, so the numbers may differ in the last digits")
         return
     print0(f"CPU threads: {threads}, as in the run being resumed (instead of {now}): the same numbers")
     torch.set_num_threads(threads)

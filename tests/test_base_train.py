@@ -172,6 +172,27 @@ def test_muon_momentum_ramp():
     assert momentum(300) == pytest.approx(0.95) and momentum(10_000) == pytest.approx(0.95)
 
 
+def test_machine_choices_helpers(monkeypatch, capsys):
+    """Older checkpoints' "precision" entry, compile's rule, and a resume on a machine with fewer CPUs."""
+    from nanochat import training
+    assert training.saved_machine_choices(None) == {}
+    older = {"loop_state": {"precision": {"autocast": "bfloat16", "newton_schulz": "float32"}}}
+    assert training.saved_machine_choices(older) == {"autocast": "bfloat16", "newton_schulz": "float32"}
+    assert training.use_torch_compile("auto", {}, "cpu", 31.0) and not training.use_torch_compile("auto", {}, "cpu", 29.0)
+    assert training.use_torch_compile("auto", {"compile": True}, "cpu", 0.0)  # the saved choice, not the estimate
+    assert not training.use_torch_compile("false", {"compile": True}, "cpu", 1e9)  # an explicit setting wins
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # a machine with one CPU
+    try:
+        training.reuse_thread_count({"threads": 4}, "cpu")
+        assert torch.get_num_threads() == threads
+        assert "computed with 4 CPU threads, more than the 1 CPUs available here" in capsys.readouterr().out
+        training.reuse_thread_count({"threads": 1}, "cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_batch_size_suggestions():
     batch_size_suggestions = script_function("batch_size_suggestions")
     # 8 x 64 x 1 = 512 tokens per micro-batch does not divide 1280
@@ -348,6 +369,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def torchrun_two(*args):
+    """torchrun --nproc_per_node=2 (gloo, one thread each) of base_train at toy size; returns its stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "scripts.base_train", *TOY, *args]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(full_run):
     """
@@ -357,12 +388,7 @@ def test_two_processes_match_one(full_run):
     lm_head starts at zero) and within 0.15 nats per step after it. Then a 2-process resume from
     step 3 (per-rank optimizer shards and data positions) repeats steps 3-5 exactly.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "scripts.base_train", *TOY, "--model_tag=ddp", "--save_every=3"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Distributed world size: 2" in result.stdout
+    assert "Distributed world size: 2" in torchrun_two("--model_tag=ddp", "--save_every=3")
     folder = os.path.join(full_run, "base_checkpoints", "ddp")
     assert {"optim_000006_rank0.pt", "optim_000006_rank1.pt", "model_000006.pt"} <= set(os.listdir(folder))
     meta = json.load(open(os.path.join(folder, "meta_000006.json")))
@@ -374,10 +400,25 @@ def test_two_processes_match_one(full_run):
         assert abs(two[step]["raw_loss"] - one[step]["raw_loss"]) < 0.15, (step, one, two)
 
     first_weights = torch.load(os.path.join(folder, "model_000006.pt"))
-    result = subprocess.run([*cmd, "--resume_from_step=3"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun_two("--model_tag=ddp", "--save_every=3", "--resume_from_step=3")
     resumed, _ = read_log(full_run, "ddp")
     assert [resumed[i]["raw_loss"] for i in range(6)] == [two[i]["raw_loss"] for i in range(6)]
+    resumed_weights = torch.load(os.path.join(folder, "model_000006.pt"))
+    assert all(torch.equal(first_weights[k], resumed_weights[k]) for k in first_weights)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly_in_bf16(base_dir):
+    """The same 2-process resume under bf16 autocast, the first run sampling (rank 0 only) at steps 2 and 4."""
+    torchrun_two("--model_tag=ddp_bf16", "--dtype=bfloat16", "--save_every=3", "--sample_every=2")
+    folder = os.path.join(base_dir, "base_checkpoints", "ddp_bf16")
+    first, first_evals = read_log(base_dir, "ddp_bf16")
+    first_weights = torch.load(os.path.join(folder, "model_000006.pt"))
+    torchrun_two("--model_tag=ddp_bf16", "--dtype=bfloat16", "--save_every=3", "--resume_from_step=3")
+    resumed, resumed_evals = read_log(base_dir, "ddp_bf16")
+    assert json.load(open(os.path.join(folder, "meta_000006.json")))["loop_state"]["machine_choices"]["autocast"] \
+        == "bfloat16"
+    assert [resumed[i]["raw_loss"] for i in range(6)] == [first[i]["raw_loss"] for i in range(6)]
+    assert resumed_evals == first_evals
     resumed_weights = torch.load(os.path.join(folder, "model_000006.pt"))
     assert all(torch.equal(first_weights[k], resumed_weights[k]) for k in first_weights)
