@@ -163,7 +163,7 @@ autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
 print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | CPU threads: {torch.get_num_threads()} | "
        f"peak FLOP/s for MFU: {peak_flops:.3e}")
-engine = Engine(model, tokenizer)  # for the accuracy evaluations
+engine = Engine(model, tokenizer, timed_threads=False)  # accuracy evaluations, the same in a resumed run
 accuracy_tasks = ({key: load_eval_task(name) for name, key in (("MMLU", "mmlu_acc"), ("ARC-Easy", "arc_easy_acc"))}
                   if eval_metrics_every > 0 else {})
 
