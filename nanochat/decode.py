@@ -130,11 +130,15 @@ class Decoder:
     """
     How an Engine runs its decode steps: the mode (one of MODES; None = cuda_graph on CUDA, eager elsewhere),
     the model prepared for it, and what the mode has learned on the way: the batch sizes compiled, the thread
-    count chosen per batch size, and whether compiling failed.
+    count chosen per batch size, and whether compiling failed. timed_threads=False keeps eager CPU steps on
+    torch's thread count instead of the faster of two timed ones: the thread count changes the logits' last bits,
+    so a choice by timing could differ between two runs (training that samples from the model, e.g. RL rollouts,
+    must not depend on one to resume exactly).
     """
 
-    def __init__(self, mode=None):
+    def __init__(self, mode=None, timed_threads=True):
         self.mode = check_mode(mode)
+        self.timed_threads = timed_threads
         self.prepared, self.prepared_key = None, None
         self.compiled_batch_sizes = set()  # CPU: the batch sizes compiled for the current prepared copy
         self.thread_trials = {}  # CPU eager, per batch size: {threads: [seconds per step]}
@@ -157,7 +161,7 @@ class Decoder:
         eager = mode == "eager" or self.failed
         decoder = self.prepare(model, dtype, pack=eager and can_pack_weights(device, dtype))
         if eager:
-            if device.type == "cpu" and torch.get_num_threads() > 1:
+            if device.type == "cpu" and torch.get_num_threads() > 1 and self.timed_threads:
                 return lambda ids: self._on_fastest_threads(decoder, cache, ids)
             return lambda ids: run_step(decoder, cache, ids)
         if mode == "compile" and device.type == "cpu":

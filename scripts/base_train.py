@@ -31,7 +31,8 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core, ensure_eval_bundle
 from nanochat.engine import SAMPLE_PROMPTS, greedy_sample
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
-                               muon_momentum, use_bf16_autocast)
+                               muon_momentum, saved_machine_choices, machine_choices, use_bf16_autocast,
+                               use_torch_compile, reuse_newton_schulz_dtype, reuse_thread_count)
 from nanochat.report import get_report
 from nanochat import hardware
 
@@ -202,21 +203,17 @@ if resuming:
                 "core_metric_max_per_task", "sample_every", "save_every", "save_every_minutes", "model_tag"}
     warn_changed_settings(meta_data["user_config"], user_config, harmless)
 
-# Precision and compilation, chosen per device
-saved_precision = meta_data["loop_state"].get("precision", {}) if resuming else {}
-use_bf16 = use_bf16_autocast(dtype, saved_precision, device)
+# Precision, compilation and threads, chosen per device (a resumed run makes the choices it saved: exact continuation)
+saved_choices = saved_machine_choices(meta_data if resuming else None)
+reuse_thread_count(saved_choices, device)
+use_bf16 = use_bf16_autocast(dtype, saved_choices, device)
 autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 # MFU is measured against the device's peak (datasheet on known GPUs; on CPU a matmul benchmark, run once now)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
-if compile == "auto":
-    # On CPU, compiling costs 5-20 s and saves ~40% of each step (measured at depth 4, seq 512), and
-    # eager training runs near 20% of the measured matmul peak: compile when that estimate exceeds 30 s.
-    eager_seconds_estimate = num_flops_per_token * total_tokens / (0.2 * peak_flops)
-    use_compile = device_type == "cuda" or (device_type == "cpu" and eager_seconds_estimate > 30)
-else:
-    use_compile = compile == "true"
+# eager training runs near 20% of the measured matmul peak on CPU
+use_compile = use_torch_compile(compile, saved_choices, device, num_flops_per_token * total_tokens / (0.2 * peak_flops))
 print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile} | "
-       f"peak FLOP/s for MFU: {peak_flops:.3e}")
+       f"CPU threads: {torch.get_num_threads()} | peak FLOP/s for MFU: {peak_flops:.3e}")
 if device_type != "cuda":
     # The defaults are sized for GPUs; say up front what they cost here (training runs near 30% MFU on CPU).
     step_seconds = num_flops_per_token * total_batch_size / (0.3 * peak_flops)
@@ -234,8 +231,7 @@ model = torch.compile(model, dynamic=False) if use_compile else model  # inputs 
 optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                          matrix_lr=matrix_lr, weight_decay=weight_decay)
 adamw_optimizer, muon_optimizer = optimizers
-if "newton_schulz" in saved_precision:
-    muon_optimizer.ns_dtype = getattr(torch, saved_precision["newton_schulz"])
+reuse_newton_schulz_dtype(muon_optimizer, saved_choices)
 print0(f"Muon Newton-Schulz precision: {str(muon_optimizer.ns_dtype).removeprefix('torch.')}")
 if resuming:
     for opt, state in zip(optimizers, optimizer_data):
@@ -310,8 +306,7 @@ def save_current_step():
             "smooth_train_loss": smooth_train_loss,
             "total_training_time": total_training_time,
             "rng": capture_rng_state(device),
-            "precision": {"autocast": "bfloat16" if use_bf16 else "float32",
-                          "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch.")},
+            "machine_choices": machine_choices(use_bf16, muon_optimizer, use_compile),
         },
     }
     # every rank writes its optimizer shard; the meta file comes last, once all of them are on disk

@@ -35,7 +35,8 @@ from nanochat.decode import check_mode as check_decode_mode, choose_decode_dtype
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import pass_at_k, policy_gradient_loss, rollouts, sample_outcomes
-from nanochat.training import StepLog, StopRequest, use_bf16_autocast, warn_changed_settings
+from nanochat.training import (StepLog, StopRequest, warn_changed_settings, saved_machine_choices, machine_choices,
+                               use_bf16_autocast, reuse_newton_schulz_dtype, reuse_thread_count)
 from tasks.gsm8k import GSM8K
 
 # -----------------------------------------------------------------------------
@@ -147,20 +148,22 @@ def problem_at(step, i):
     """The train problem of this rank's i-th rollout at step: fixed by the step, so a resumed run takes the same."""
     return rank_problems[(step * examples_per_rank + i) % len(rank_problems)]
 
-# Precision (a resumed run keeps the choices it measured)
-saved_precision = meta_data["loop_state"]["precision"] if resuming else {}
-use_bf16 = use_bf16_autocast(dtype, saved_precision, device)
+# Precision and threads (a resumed run makes the choices it saved)
+saved_choices = saved_machine_choices(meta_data)
+reuse_thread_count(saved_choices, device)
+use_bf16 = use_bf16_autocast(dtype, saved_choices, device)
 autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 if dtype != "auto":
     rollout_dtype = getattr(torch, dtype)
-elif "rollouts" in saved_precision:
-    rollout_dtype = getattr(torch, saved_precision["rollouts"])
+elif "rollouts" in saved_choices:
+    rollout_dtype = getattr(torch, saved_choices["rollouts"])
 else:
     rollout_dtype = choose_decode_dtype(device)
-engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode or None)
+# rollouts on torch's thread count, not the faster of two timed ones: a timing must not change what is sampled
+engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode or None, timed_threads=False)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
 print0(f"Precision: training {'bf16 autocast' if use_bf16 else 'fp32'}, rollouts {str(rollout_dtype)[6:]} | "
-       f"peak FLOP/s for MFU: {peak_flops:.3e}")
+       f"CPU threads: {torch.get_num_threads()} | peak FLOP/s for MFU: {peak_flops:.3e}")
 
 # Optimizers at init_lr_frac of the base rates, decaying linearly to 0 over the run
 optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
@@ -169,8 +172,7 @@ adamw_optimizer, muon_optimizer = optimizers
 for opt in optimizers:
     for group in opt.param_groups:
         group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
-if "newton_schulz" in saved_precision:
-    muon_optimizer.ns_dtype = getattr(torch, saved_precision["newton_schulz"])
+reuse_newton_schulz_dtype(muon_optimizer, saved_choices)
 if resuming:
     _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True, rank=ddp_rank)
     for opt, state in zip(optimizers, optimizer_data):
@@ -202,9 +204,8 @@ def save_current_step(with_optimizer=True):
         "loop_state": {
             "reward": reward, "total_time": total_time, "rollout_time": rollout_time, "training_time": training_time,
             "generated_tokens": generated_tokens, "trained_tokens": trained_tokens,
-            "precision": {"autocast": "bfloat16" if use_bf16 else "float32",
-                          "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch."),
-                          "rollouts": str(rollout_dtype).removeprefix("torch.")},
+            "machine_choices": {**machine_choices(use_bf16, muon_optimizer),
+                                "rollouts": str(rollout_dtype).removeprefix("torch.")},
         },
     }
     optimizer_data = [opt.state_dict() for opt in optimizers] if with_optimizer else None

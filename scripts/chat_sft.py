@@ -32,7 +32,8 @@ from nanochat.dataloader import gather_loader_state
 from nanochat.chat_eval import run_chat_eval
 from nanochat.engine import Engine
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
-                               use_bf16_autocast)
+                               saved_machine_choices, machine_choices, use_bf16_autocast, reuse_newton_schulz_dtype,
+                               reuse_thread_count)
 from nanochat.report import get_report
 from nanochat import hardware
 from tasks import load_eval_task
@@ -154,13 +155,15 @@ if dry_run:
     compute_cleanup()
     raise SystemExit(0)
 
-# Precision (a resumed run keeps its choice); no torch.compile: every batch has another length
-saved_precision = meta_data["loop_state"].get("precision", {}) if resuming else {}
-use_bf16 = use_bf16_autocast(dtype, saved_precision, device)
+# Precision and threads (a resumed run makes the choices it saved); no torch.compile: every batch has another length
+saved_choices = saved_machine_choices(meta_data)
+reuse_thread_count(saved_choices, device)
+use_bf16 = use_bf16_autocast(dtype, saved_choices, device)
 autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
-print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | peak FLOP/s for MFU: {peak_flops:.3e}")
-engine = Engine(model, tokenizer)  # for the accuracy evaluations
+print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | CPU threads: {torch.get_num_threads()} | "
+       f"peak FLOP/s for MFU: {peak_flops:.3e}")
+engine = Engine(model, tokenizer, timed_threads=False)  # accuracy evaluations, the same in a resumed run
 accuracy_tasks = ({key: load_eval_task(name) for name, key in (("MMLU", "mmlu_acc"), ("ARC-Easy", "arc_easy_acc"))}
                   if eval_metrics_every > 0 else {})
 
@@ -171,8 +174,7 @@ adamw_optimizer, muon_optimizer = optimizers
 for opt in optimizers:
     for group in opt.param_groups:
         group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
-if "newton_schulz" in saved_precision:
-    muon_optimizer.ns_dtype = getattr(torch, saved_precision["newton_schulz"])
+reuse_newton_schulz_dtype(muon_optimizer, saved_choices)
 if resuming:
     _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True, rank=ddp_rank)
     for opt, state in zip(optimizers, optimizer_data):
@@ -214,8 +216,7 @@ def save_current_step(with_optimizer=True):
         "loop_state": {
             "train_loss": train_loss, "total_training_time": total_training_time, "total_tokens": total_tokens,
             "rng": capture_rng_state(device),
-            "precision": {"autocast": "bfloat16" if use_bf16 else "float32",
-                          "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch.")},
+            "machine_choices": machine_choices(use_bf16, muon_optimizer),
         },
     }
     optimizer_data = [opt.state_dict() for opt in optimizers] if with_optimizer else None

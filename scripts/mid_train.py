@@ -33,7 +33,8 @@ from nanochat.chat_dataloader import packed_conversation_loader
 from nanochat.dataloader import gather_loader_state
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
-                               muon_momentum, use_bf16_autocast)
+                               muon_momentum, saved_machine_choices, machine_choices, use_bf16_autocast,
+                               use_torch_compile, reuse_newton_schulz_dtype, reuse_thread_count)
 from nanochat.report import get_report
 from nanochat import hardware
 from tasks.common import TaskMixture
@@ -169,19 +170,17 @@ if dry_run:
     compute_cleanup()
     raise SystemExit(0)
 
-# Precision and compilation, chosen per device (a resumed run keeps its choices: exact continuation)
-saved_precision = meta_data["loop_state"].get("precision", {}) if resuming else {}
-use_bf16 = use_bf16_autocast(dtype, saved_precision, device)
+# Precision, compilation and threads, chosen per device (a resumed run makes the choices it saved: exact continuation)
+saved_choices = saved_machine_choices(meta_data)
+reuse_thread_count(saved_choices, device)
+use_bf16 = use_bf16_autocast(dtype, saved_choices, device)
 autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
-if compile == "auto":
-    # as in base_train: on CPU compile only when eager training (~20% of the matmul peak) would take over 30 s
-    eager_seconds_estimate = num_flops_per_token * total_batch_size * horizon_steps / (0.2 * peak_flops)
-    use_compile = device_type == "cuda" or (device_type == "cpu" and eager_seconds_estimate > 30)
-else:
-    use_compile = compile == "true"
+# as in base_train: eager training runs near 20% of the measured matmul peak on CPU
+use_compile = use_torch_compile(compile, saved_choices, device,
+                                num_flops_per_token * total_batch_size * horizon_steps / (0.2 * peak_flops))
 print0(f"Precision: {'bf16 autocast' if use_bf16 else 'fp32'} | torch.compile: {use_compile} | "
-       f"peak FLOP/s for MFU: {peak_flops:.3e}")
+       f"CPU threads: {torch.get_num_threads()} | peak FLOP/s for MFU: {peak_flops:.3e}")
 orig_model = model  # uncompiled: saved
 model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -192,8 +191,7 @@ adamw_optimizer, muon_optimizer = optimizers
 for opt in optimizers:
     for group in opt.param_groups:
         group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
-if "newton_schulz" in saved_precision:
-    muon_optimizer.ns_dtype = getattr(torch, saved_precision["newton_schulz"])
+reuse_newton_schulz_dtype(muon_optimizer, saved_choices)
 if resuming:
     _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True, rank=ddp_rank)
     for opt, state in zip(optimizers, optimizer_data):
@@ -240,8 +238,7 @@ def save_current_step():
             "min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
             "total_training_time": total_training_time, "epoch_done": epoch_done,
             "rng": capture_rng_state(device),
-            "precision": {"autocast": "bfloat16" if use_bf16 else "float32",
-                          "newton_schulz": str(muon_optimizer.ns_dtype).removeprefix("torch.")},
+            "machine_choices": machine_choices(use_bf16, muon_optimizer, use_compile),
         },
     }
     # every rank writes its optimizer shard; the meta file comes last, once all of them are on disk

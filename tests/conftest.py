@@ -102,6 +102,27 @@ def file_server(tmp_path):
 
 
 @pytest.fixture
+def another_machine(monkeypatch):
+    """
+    switch() makes every start-up choice of a training script that follows in this process come out the other
+    way, as on another machine or in a borderline measurement: nanochat.hardware's bf16 matmul speedup reads the
+    opposite (autocast and Newton-Schulz dtype flip), its peak FLOP/s a tiny value (auto would compile), and torch
+    runs on another thread count. A resumed run must still make the choices it saved. Threads are put back after.
+    """
+    from nanochat import hardware
+    threads = torch.get_num_threads()
+
+    def switch():
+        bf16_fast = hardware.bf16_matmul_speedup("cpu") >= hardware.MIN_BF16_SPEEDUP
+        monkeypatch.setattr(hardware, "bf16_matmul_speedup", lambda device: 0.0 if bf16_fast else 10.0)
+        monkeypatch.setattr(hardware, "peak_flops", lambda device, dtype=torch.bfloat16: 1e6)
+        torch.set_num_threads(1 if threads > 1 else 2)
+
+    yield switch
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def run_two_ranks(tmp_path):
     """run(worker) starts worker(rank, world_size, init_file, queue) in 2 spawned processes (gloo rendezvous
     through init_file) and returns {rank: value}, from each worker's queue.put((rank, value))."""

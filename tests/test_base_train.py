@@ -1,7 +1,8 @@
 """
 scripts/base_train.py at toy size (depth 2, 64-token sequences, a 300-token vocabulary trained here,
 generated parquet data in a temporary NANOCHAT_BASE_DIR): derived numbers, schedules, exact resume
-after Ctrl-C, nan handling, and a 2-process gloo run against 1 process.
+after Ctrl-C (fp32 and bf16 autocast, 1 and 2 processes, start-up choices that would come out otherwise),
+nan handling, and a 2-process gloo run against 1 process.
 """
 
 import ast
@@ -171,6 +172,27 @@ def test_muon_momentum_ramp():
     assert momentum(300) == pytest.approx(0.95) and momentum(10_000) == pytest.approx(0.95)
 
 
+def test_machine_choices_helpers(monkeypatch, capsys):
+    """Older checkpoints' "precision" entry, compile's rule, and a resume on a machine with fewer CPUs."""
+    from nanochat import training
+    assert training.saved_machine_choices(None) == {}
+    older = {"loop_state": {"precision": {"autocast": "bfloat16", "newton_schulz": "float32"}}}
+    assert training.saved_machine_choices(older) == {"autocast": "bfloat16", "newton_schulz": "float32"}
+    assert training.use_torch_compile("auto", {}, "cpu", 31.0) and not training.use_torch_compile("auto", {}, "cpu", 29.0)
+    assert training.use_torch_compile("auto", {"compile": True}, "cpu", 0.0)  # the saved choice, not the estimate
+    assert not training.use_torch_compile("false", {"compile": True}, "cpu", 1e9)  # an explicit setting wins
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # a machine with one CPU
+    try:
+        training.reuse_thread_count({"threads": 4}, "cpu")
+        assert torch.get_num_threads() == threads
+        assert "computed with 4 CPU threads, more than the 1 CPUs available here" in capsys.readouterr().out
+        training.reuse_thread_count({"threads": 1}, "cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_batch_size_suggestions():
     batch_size_suggestions = script_function("batch_size_suggestions")
     # 8 x 64 x 1 = 512 tokens per micro-batch does not divide 1280
@@ -189,8 +211,11 @@ def test_batch_size_suggestions():
 
 @pytest.fixture(scope="module")
 def full_run(base_dir):
-    """6 uninterrupted steps (samples at the end exercise the Engine path)."""
-    assert run_train([*TOY, "--model_tag=full", "--sample_every=6"]) == 0
+    """
+    6 uninterrupted steps. A sample at step 4 runs the Engine (whose decode step tries thread counts) in the middle
+    of the stretch that the resumed run redoes without sampling (and one at the end).
+    """
+    assert run_train([*TOY, "--model_tag=full", "--sample_every=4"]) == 0
     return base_dir
 
 
@@ -203,6 +228,8 @@ def test_training_writes_checkpoint_and_log(full_run):
     assert meta["model_config"] == dict(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
     assert meta["user_config"]["depth"] == 2 and meta["dataloader_state_dict"] is not None
     assert {"min_val_bpb", "smooth_train_loss", "total_training_time", "rng"} <= meta["loop_state"].keys()
+    assert meta["loop_state"]["machine_choices"]["autocast"] == "float32"  # --dtype=float32
+    assert meta["loop_state"]["machine_choices"]["compile"] is False  # --compile=false
     train, evals = read_log(full_run, "full")
     assert sorted(train) == list(range(6)) and sorted(evals) == [0, 3, 6]
     assert {"step", "loss", "lr_mult", "dt", "tok_per_sec", "mfu", "total_time"} <= train[0].keys()
@@ -213,10 +240,10 @@ def test_training_writes_checkpoint_and_log(full_run):
     assert [train[i]["lr_mult"] for i in range(6)] == [1.0] * 6  # round(0.2 * 6) = 1 warmdown step starts after step 5
 
 
-def test_ctrl_c_saves_and_resume_is_exact(full_run, monkeypatch):
+def interrupt_then_resume(base, args, tag, monkeypatch, before_resume=lambda: None):
     """
-    Ctrl-C during step 2 -> checkpoint at step 3 -> resume: steps 3-5 and the final weights equal the
-    uninterrupted run's.
+    Run `args` under model tag `tag`, stopped by Ctrl-C during step 2 (it saves step 3 and exits), call
+    before_resume, then resume from step 3 to the end. Returns the meta of step 3 as saved.
     """
     import nanochat.dataloader as dataloader
     real_loader = dataloader.tokenizing_distributed_data_loader
@@ -227,24 +254,95 @@ def test_ctrl_c_saves_and_resume_is_exact(full_run, monkeypatch):
                 os.kill(os.getpid(), signal.SIGINT)
             yield batch
 
-    monkeypatch.setattr(dataloader, "tokenizing_distributed_data_loader", interrupting_loader)
-    assert run_train([*TOY, "--model_tag=split"]) == 0
-    folder = os.path.join(full_run, "base_checkpoints", "split")
+    with monkeypatch.context() as patch:
+        patch.setattr(dataloader, "tokenizing_distributed_data_loader", interrupting_loader)
+        assert run_train([*args, f"--model_tag={tag}"]) == 0
+    folder = os.path.join(base, "base_checkpoints", tag)
     assert sorted(f for f in os.listdir(folder) if not f.endswith(".jsonl")) == \
         ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
-    assert sorted(read_log(full_run, "split")[0]) == [0, 1, 2]
-    monkeypatch.setattr(dataloader, "tokenizing_distributed_data_loader", real_loader)
+    assert sorted(read_log(base, tag)[0]) == [0, 1, 2]
+    before_resume()
+    assert run_train([*args, f"--model_tag={tag}", "--resume_from_step=3"]) == 0
+    return json.load(open(os.path.join(folder, "meta_000003.json")))
 
-    assert run_train([*TOY, "--model_tag=split", "--resume_from_step=3"]) == 0
-    full_train, full_evals = read_log(full_run, "full")
-    split_train, split_evals = read_log(full_run, "split")
-    assert sorted(split_train) == list(range(6))
-    assert [split_train[i]["raw_loss"] for i in range(6)] == [full_train[i]["raw_loss"] for i in range(6)]
-    assert [split_train[i]["loss"] for i in range(6)] == [full_train[i]["loss"] for i in range(6)]  # EMA state too
-    assert split_evals == full_evals
-    full_weights = torch.load(os.path.join(full_run, "base_checkpoints", "full", "model_000006.pt"))
-    split_weights = torch.load(os.path.join(folder, "model_000006.pt"))
-    assert all(torch.equal(full_weights[k], split_weights[k]) for k in full_weights)
+
+def assert_same_training(base, tag, other_tag):
+    """Bit-identical losses (raw and smoothed) at every step, evaluations and final weights."""
+    train, evals = read_log(base, tag)
+    other_train, other_evals = read_log(base, other_tag)
+    assert sorted(other_train) == sorted(train) == list(range(6))
+    assert [other_train[i]["raw_loss"] for i in range(6)] == [train[i]["raw_loss"] for i in range(6)]
+    assert [other_train[i]["loss"] for i in range(6)] == [train[i]["loss"] for i in range(6)]  # EMA state too
+    assert other_evals == evals
+    weights = torch.load(os.path.join(base, "base_checkpoints", tag, "model_000006.pt"))
+    other_weights = torch.load(os.path.join(base, "base_checkpoints", other_tag, "model_000006.pt"))
+    assert all(torch.equal(weights[k], other_weights[k]) for k in weights)
+
+
+def test_ctrl_c_saves_and_resume_is_exact(full_run, monkeypatch):
+    """Ctrl-C during step 2 -> checkpoint at step 3 -> resume: steps 3-5 and the final weights equal the uninterrupted
+    run's (which sampled between its steps; these runs do not)."""
+    interrupt_then_resume(full_run, TOY, "split", monkeypatch)
+    assert_same_training(full_run, "full", "split")
+
+
+def test_resume_makes_the_choices_it_saved_in_bf16(base_dir, monkeypatch, another_machine, capsys):
+    """
+    The default dtype=auto and compile=auto, measured as bf16-fast (bf16 autocast and Newton-Schulz): a resume
+    on a machine where every start-up measurement comes out the other way (and another thread count) makes
+    the saved choices, and continues the uninterrupted bf16 run exactly.
+    """
+    from nanochat import hardware
+    monkeypatch.setattr(hardware, "bf16_matmul_speedup", lambda device: 10.0)
+    monkeypatch.setattr(hardware, "peak_flops", lambda device, dtype=torch.bfloat16: 1e12)  # short run: no compile
+    auto = [a for a in TOY if not a.startswith(("--dtype", "--compile"))]
+    assert run_train([*auto, "--model_tag=bf16_full", "--sample_every=2"]) == 0
+    saved = interrupt_then_resume(base_dir, auto, "bf16_split", monkeypatch, before_resume=another_machine)
+    choices = saved["loop_state"]["machine_choices"]
+    assert choices == {"autocast": "bfloat16", "newton_schulz": "bfloat16", "compile": False,
+                       "threads": choices["threads"]}
+    out = capsys.readouterr().out
+    resumed = out[out.index("Resuming from step 3"):]
+    assert f"Precision: bf16 autocast | torch.compile: False | CPU threads: {choices['threads']} |" in resumed
+    assert "Muon Newton-Schulz precision: bfloat16" in resumed
+    assert torch.get_num_threads() == choices["threads"]
+    final = json.load(open(os.path.join(base_dir, "base_checkpoints", "bf16_split", "meta_000006.json")))
+    assert final["loop_state"]["machine_choices"] == choices
+    assert_same_training(base_dir, "bf16_full", "bf16_split")
+
+
+def test_the_thread_state_is_set_at_start_up_and_sampling_leaves_it(base_dir):
+    """
+    compute_init sets the thread count explicitly, which also turns MKL's dynamic threading off for good: the
+    state that the Engine's decode-thread trial (set_num_threads) would otherwise leave behind after the first
+    sample, changing the last bits of every later fp32 matmul on MKL's Intel code paths. Read with MKL's own
+    getter in a fresh process; skipped where torch has no MKL (e.g. Arm builds).
+    """
+    code = """if True:
+        import ctypes, json, os, torch
+        from nanochat.common import compute_init
+        from nanochat.engine import greedy_sample
+        from nanochat.gpt import GPTConfig, build_gpt
+        from nanochat.tokenizer import get_tokenizer
+        try:
+            mkl_dynamic = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).mkl_serv_get_dynamic
+        except (OSError, AttributeError):
+            raise SystemExit(3)
+        compute_init("cpu")
+        state = (torch.get_num_threads(), mkl_dynamic())
+        model = build_gpt(GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
+        model.eval()
+        greedy_sample(model, get_tokenizer(), "The cat", 8, torch.autocast("cpu", enabled=False))
+        print(json.dumps([state, (torch.get_num_threads(), mkl_dynamic())]))
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO_ROOT)  # more than one: the Engine tries one thread
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if result.returncode == 3:
+        pytest.skip("this torch build has no MKL")
+    assert result.returncode == 0, result.stderr[-3000:]
+    at_start_up, after_sampling = json.loads(result.stdout.strip().splitlines()[-1])
+    assert at_start_up == [2, 0]  # 2 threads, MKL's dynamic threading off
+    assert after_sampling == at_start_up
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch, capsys):
@@ -271,6 +369,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def torchrun_two(*args):
+    """torchrun --nproc_per_node=2 (gloo, one thread each) of base_train at toy size; returns its stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "scripts.base_train", *TOY, *args]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(full_run):
     """
@@ -280,12 +388,7 @@ def test_two_processes_match_one(full_run):
     lm_head starts at zero) and within 0.15 nats per step after it. Then a 2-process resume from
     step 3 (per-rank optimizer shards and data positions) repeats steps 3-5 exactly.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "scripts.base_train", *TOY, "--model_tag=ddp", "--save_every=3"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Distributed world size: 2" in result.stdout
+    assert "Distributed world size: 2" in torchrun_two("--model_tag=ddp", "--save_every=3")
     folder = os.path.join(full_run, "base_checkpoints", "ddp")
     assert {"optim_000006_rank0.pt", "optim_000006_rank1.pt", "model_000006.pt"} <= set(os.listdir(folder))
     meta = json.load(open(os.path.join(folder, "meta_000006.json")))
@@ -297,10 +400,25 @@ def test_two_processes_match_one(full_run):
         assert abs(two[step]["raw_loss"] - one[step]["raw_loss"]) < 0.15, (step, one, two)
 
     first_weights = torch.load(os.path.join(folder, "model_000006.pt"))
-    result = subprocess.run([*cmd, "--resume_from_step=3"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun_two("--model_tag=ddp", "--save_every=3", "--resume_from_step=3")
     resumed, _ = read_log(full_run, "ddp")
     assert [resumed[i]["raw_loss"] for i in range(6)] == [two[i]["raw_loss"] for i in range(6)]
+    resumed_weights = torch.load(os.path.join(folder, "model_000006.pt"))
+    assert all(torch.equal(first_weights[k], resumed_weights[k]) for k in first_weights)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly_in_bf16(base_dir):
+    """The same 2-process resume under bf16 autocast, the first run sampling (rank 0 only) at steps 2 and 4."""
+    torchrun_two("--model_tag=ddp_bf16", "--dtype=bfloat16", "--save_every=3", "--sample_every=2")
+    folder = os.path.join(base_dir, "base_checkpoints", "ddp_bf16")
+    first, first_evals = read_log(base_dir, "ddp_bf16")
+    first_weights = torch.load(os.path.join(folder, "model_000006.pt"))
+    torchrun_two("--model_tag=ddp_bf16", "--dtype=bfloat16", "--save_every=3", "--resume_from_step=3")
+    resumed, resumed_evals = read_log(base_dir, "ddp_bf16")
+    assert json.load(open(os.path.join(folder, "meta_000006.json")))["loop_state"]["machine_choices"]["autocast"] \
+        == "bfloat16"
+    assert [resumed[i]["raw_loss"] for i in range(6)] == [first[i]["raw_loss"] for i in range(6)]
+    assert resumed_evals == first_evals
     resumed_weights = torch.load(os.path.join(folder, "model_000006.pt"))
     assert all(torch.equal(first_weights[k], resumed_weights[k]) for k in first_weights)

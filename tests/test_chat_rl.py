@@ -236,7 +236,8 @@ def test_chat_rl_trains_saves_logs_and_loads_as_rl(rl_base, capsys):
     assert "GSM8K accuracy" in capsys.readouterr().out
 
 
-def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monkeypatch):
+def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monkeypatch, another_machine):
+    """Also where the start-up measurements would now choose otherwise (threads, Newton-Schulz dtype)."""
     import nanochat.rl
     if not os.path.exists(rl_folder(rl_base, "d1")):
         assert run_script("scripts.chat_rl", [*RL, "-g", "d1"]) == 0
@@ -254,8 +255,12 @@ def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monk
     monkeypatch.setattr(nanochat.rl, "rollouts", real)
     folder = rl_folder(rl_base, "resumed")
     assert os.path.exists(os.path.join(folder, "model_000002.pt")) and os.path.exists(os.path.join(folder, "meta_000002.json"))
+    saved = json.load(open(os.path.join(folder, "meta_000002.json")))["loop_state"]["machine_choices"]
+    another_machine()
     assert run_script("scripts.chat_rl", [*RL, "-g", "resumed", "--resume_from_step=2"]) == 0
     assert_same_rl_run(rl_folder(rl_base, "d1"), folder)
+    final = json.load(open(os.path.join(folder, "meta_000004.json")))["loop_state"]["machine_choices"]
+    assert final == saved and torch.get_num_threads() == saved["threads"]
 
 
 def assert_same_rl_run(full_folder, other_folder, exact=True):

@@ -1,7 +1,8 @@
 """
 scripts/mid_train.py and scripts/chat_sft.py at toy size, on task data generated here in the hub's
 parquet layout (served through NANOCHAT_TASKS_URL=file://...), from a tiny base checkpoint: they train,
-save, log, and a run stopped by Ctrl-C and resumed equals the uninterrupted run, weights included.
+save, log, and a run stopped by Ctrl-C and resumed (where the start-up measurements would now choose
+otherwise) equals the uninterrupted run, weights included.
 chat_eval then scores the fine-tuned model on every task and writes its report section.
 """
 
@@ -138,14 +139,23 @@ def test_mid_train_trains_saves_and_reports(base_dir, mid_run):
     assert "Minimum validation bpb" in open(os.path.join(base_dir, "report", "midtraining.md")).read()
 
 
-def test_mid_train_ctrl_c_then_resume_is_exact(base_dir, mid_run, monkeypatch):
+def assert_saved_choices_made(folder, step, final_step):
+    """The resumed run made the machine choices of the step it resumed from, and saved them again."""
+    saved = json.load(open(os.path.join(folder, f"meta_{step:06d}.json")))["loop_state"]["machine_choices"]
+    final = json.load(open(os.path.join(folder, f"meta_{final_step:06d}.json")))["loop_state"]["machine_choices"]
+    assert final == saved and torch.get_num_threads() == saved["threads"]
+
+
+def test_mid_train_ctrl_c_then_resume_is_exact(base_dir, mid_run, monkeypatch, another_machine):
     copy_checkpoint(base_dir, "base_checkpoints", "d1", "split")
     interrupt_train_loader(monkeypatch, "packed_conversation_loader", at_batch=3)  # batch 0 up front, batch 3 in step 2
     assert run_script("scripts.mid_train", [*MID, "--model_tag=split"]) == 0
     folder = os.path.join(base_dir, "mid_checkpoints", "split")
     assert sorted(f for f in os.listdir(folder) if f.startswith("model_")) == ["model_000003.pt"]
+    another_machine()
     assert run_script("scripts.mid_train", [*MID, "--model_tag=split", "--resume_from_step=3"]) == 0
     assert_same_run(mid_run, folder, 6)
+    assert_saved_choices_made(folder, 3, 6)
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +180,16 @@ def test_chat_sft_trains_saves_and_reports(base_dir, sft_run):
     assert "Validation loss" in open(os.path.join(base_dir, "report", "chat-sft.md")).read()
 
 
-def test_chat_sft_ctrl_c_then_resume_is_exact(base_dir, sft_run, monkeypatch):
+def test_chat_sft_ctrl_c_then_resume_is_exact(base_dir, sft_run, monkeypatch, another_machine):
     copy_checkpoint(base_dir, "mid_checkpoints", "d1", "split2")
     interrupt_train_loader(monkeypatch, "sft_loader", at_batch=4)  # 2 batches per step: batch 4 in step 2
     assert run_script("scripts.chat_sft", [*SFT, "--model_tag=split2"]) == 0
     folder = os.path.join(base_dir, "chatsft_checkpoints", "split2")
     assert sorted(f for f in os.listdir(folder) if f.startswith("model_")) == ["model_000003.pt"]
+    another_machine()
     assert run_script("scripts.chat_sft", [*SFT, "--model_tag=split2", "--resume_from_step=3"]) == 0
     assert_same_run(sft_run, folder, 6)
+    assert_saved_choices_made(folder, 3, 6)
 
 
 def test_chat_eval_scores_every_task_and_reports(base_dir, sft_run, capsys):

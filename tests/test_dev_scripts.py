@@ -2,8 +2,8 @@
 The measuring scripts in dev/ run end to end at toy size (their numbers are not checked, only that
 they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss), dev/profile_step.py and
 dev/bench_engine.py (decode speed; without the reference), dev/bench_sandbox.py (the sandbox's cost per
-problem), and how dev/reference.py loads another checkout next to ours (dev/bench_train_ab.py says what it needs
-without one).
+problem), dev/bench_mkl_threading.py, and how dev/reference.py loads another checkout next to ours
+(dev/bench_train_ab.py says what it needs without one).
 """
 
 import os
@@ -49,6 +49,12 @@ def test_bench_engine_times_fp32_and_auto_without_the_reference(tmp_path):
                             env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "naive full forward: True" in result.stdout and "Time to first token" in result.stdout
+
+
+def test_bench_mkl_threading_compares_a_fresh_process_with_compute_init():
+    out = run("dev.bench_mkl_threading", "--rounds=1", "--steps=1")
+    assert "each kind computes the same gradients in every process: True" in out
+    assert "the two kinds compute bit-identical gradients:" in out and "MKL fixed (compute_init)" in out
 
 
 def test_load_checkout_points_its_imports_at_its_own_modules(tmp_path):

@@ -413,6 +413,20 @@ def test_cpu_decode_picks_its_threads_and_gives_them_back(model_and_tokenizer):
         torch.set_num_threads(1)
 
 
+def test_cpu_decode_without_timed_threads_stays_on_torchs_count(model_and_tokenizer, monkeypatch):
+    # what training that samples uses (RL rollouts): a timing must not pick the thread count, which changes the logits
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, timed_threads=False)
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("the decode step switched threads"))
+        got = _columns(engine, tokenizer.encode("the dog"), max_tokens=12, temperature=0.0)
+        assert got == [_naive_decode(model, tokenizer.encode("the dog"), 12)] and engine.decoder.thread_trials == {}
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(1)
+
+
 def test_engine_sees_weights_change(model_and_tokenizer):
     # the Engine keeps decode weights between calls; training the model in between must not leave them stale
     model, tokenizer = model_and_tokenizer
