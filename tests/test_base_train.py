@@ -7,16 +7,15 @@ after Ctrl-C, nan handling, and a 2-process gloo run against 1 process.
 import ast
 import json
 import os
-import random
 import runpy
 import signal
 import subprocess
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+
+from conftest import make_pretraining_base_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "base_train.py")
@@ -27,25 +26,11 @@ TOY = ["--device_type=cpu", "--dtype=float32", "--compile=false", "--depth=2", "
        "--eval_tokens=512", "--core_metric_every=-1", "--sample_every=-1"]
 
 
-def make_documents(rng, count):
-    subjects = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the teacher"]
-    verbs = ["sees", "likes", "follows", "finds", "watches", "carries", "remembers"]
-    objects = ["the ball", "a red house", "the moon", "some bread", "the green hill", "a letter", "the garden"]
-    return [" ".join(f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)}."
-                     for _ in range(rng.randint(3, 12))) for _ in range(count)]
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """Shards 0-2 for training, shard 3 for validation (row groups of 8 documents), and a tokenizer."""
-    from nanochat.tokenizer import RustBPETokenizer
     base = str(tmp_path_factory.mktemp("nanochat_base"))
-    rng = random.Random(0)
-    os.makedirs(os.path.join(base, "base_data"))
-    for shard in range(4):
-        table = pa.table({"text": make_documents(rng, 64)})
-        pq.write_table(table, os.path.join(base, "base_data", f"shard_{shard:05d}.parquet"), row_group_size=8)
-    RustBPETokenizer.train_from_iterator(iter(make_documents(rng, 200)), VOCAB).save(os.path.join(base, "tokenizer"))
+    make_pretraining_base_dir(base, VOCAB)
     saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATA_MAX_SHARD")}
     os.environ["NANOCHAT_BASE_DIR"] = base
     os.environ["NANOCHAT_DATA_MAX_SHARD"] = "3"
@@ -203,6 +188,11 @@ def test_training_writes_checkpoint_and_log(full_run):
     assert meta["model_config"] == dict(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
     assert meta["user_config"]["depth"] == 2 and meta["dataloader_state_dict"] is not None
     assert {"min_val_bpb", "smooth_train_loss", "total_training_time", "rng"} <= meta["loop_state"].keys()
+    # what a sweep reads back (scripts/scaling_laws.py): the sizes, the horizon, and the wall time of the run
+    params = 2 * VOCAB * 128 + 12 * 2 * 128 ** 2
+    assert (meta["num_params"], meta["num_params_no_embedding"]) == (params, params - VOCAB * 128)
+    assert meta["flops_per_token"] == 6 * (params - VOCAB * 128) + 12 * 2 * 128 * 64 and meta["num_iterations"] == 6
+    assert meta["loop_state"]["wall_time"] > 0
     train, evals = read_log(full_run, "full")
     assert sorted(train) == list(range(6)) and sorted(evals) == [0, 3, 6]
     assert {"step", "loss", "lr_mult", "dt", "tok_per_sec", "mfu", "total_time"} <= train[0].keys()
@@ -245,6 +235,9 @@ def test_ctrl_c_saves_and_resume_is_exact(full_run, monkeypatch):
     full_weights = torch.load(os.path.join(full_run, "base_checkpoints", "full", "model_000006.pt"))
     split_weights = torch.load(os.path.join(folder, "model_000006.pt"))
     assert all(torch.equal(full_weights[k], split_weights[k]) for k in full_weights)
+    # the wall time adds up both sessions: more than the first one's, which ended at step 3
+    first = json.load(open(os.path.join(folder, "meta_000003.json")))["loop_state"]["wall_time"]
+    assert json.load(open(os.path.join(folder, "meta_000006.json")))["loop_state"]["wall_time"] > first > 0
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch, capsys):
