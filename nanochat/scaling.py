@@ -195,6 +195,20 @@ def _pyplot():
     return plt
 
 
+def _label(ax, xlabel, ylabel, title=None, logy=False, legend=True):
+    """Log x axis (FLOPs or parameters), labels, a light grid, a small legend."""
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def plot_isoflop(fit, path, param_label):
     """val bpb against N, one curve per budget: the points, the fitted parabola, its minimum (hollow: edge)."""
     plt = _pyplot()
@@ -209,12 +223,8 @@ def plot_isoflop(fit, path, param_label):
         if f.n_opt is not None:
             ax.plot([f.n_opt], [f.bpb_opt], "*", markersize=14, color=color,
                     markerfacecolor=color if f.status == "interior" else "none")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"parameters N ({param_label})")
-    ax.set_ylabel("val bpb")
-    ax.set_title("iso-FLOP curves (star: fitted minimum; hollow: at the edge, extrapolated)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _label(ax, f"parameters N ({param_label})", "val bpb",
+           "iso-FLOP curves (star: fitted minimum; hollow: at the edge, extrapolated)")
     _save(fig, path)
 
 
@@ -234,12 +244,7 @@ def plot_optimal(fit, path, param_label):
             _, coefficient = power_law(cs, [getattr(f, attr) for f in fit.used])
             xs = np.geomspace(min(cs), max(cs), 50)
             ax.plot(xs, coefficient * xs ** exponent, "-", color="C1", label=f"fit: ~ C^{exponent:.3f}")
-            ax.legend(fontsize=8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training FLOPs C")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3, which="both")
+        _label(ax, "training FLOPs C", name, logy=True)
     ratio = f", D*/N* = {fit.ratio:.1f}" if fit.ratio else ""
     fig.suptitle(f"compute-optimal size and tokens{ratio}")
     _save(fig, path)
@@ -254,12 +259,7 @@ def plot_frontier(fit, path):
     fitted = [(f.budget, f.bpb_opt) for f in fit.budgets if f.status == "interior"]
     if fitted:
         ax.plot(*zip(*fitted), "*--", markersize=10, label="fitted minimum (interior budgets)")
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs C")
-    ax.set_ylabel("val bpb")
-    ax.set_title("loss frontier")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _label(ax, "training FLOPs C", "val bpb", "loss frontier")
     _save(fig, path)
 
 
@@ -268,19 +268,15 @@ def plot_miniseries(rows, path, show_references):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     rows = sorted(rows, key=lambda r: r["flops"])
+    if show_references:
+        for i, (name, score) in enumerate(CORE_REFERENCES):
+            axes[0].axhline(score, linestyle="--", linewidth=1, color=f"C{i + 1}", label=f"{name}: {score}")
+    title = "dashed: published GPT-2 scores (upstream nanochat, 22 tasks), not ours" if show_references else None
     for ax, key, name in ((axes[0], "core", "CORE"), (axes[1], "val_bpb", "val bpb")):
         points = [r for r in rows if r.get(key) is not None]
         ax.plot([r["flops"] for r in points], [r[key] for r in points], "o-", color="C0", label="nanochat (ours)")
         for r in points:
             ax.annotate(f"d{r['depth']}", (r["flops"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3, which="both")
-    if show_references:
-        for i, (name, score) in enumerate(CORE_REFERENCES):
-            axes[0].axhline(score, linestyle="--", linewidth=1, color=f"C{i + 1}", label=f"{name}: {score}")
-        axes[0].set_title("CORE; dashed: published GPT-2 scores", fontsize=9)
-    axes[0].legend(fontsize=7)
+        _label(ax, "training FLOPs", name, title if key == "core" else None)
     fig.suptitle("miniseries")
     _save(fig, path)

@@ -3,6 +3,7 @@ Shared test fixtures. Tests never touch the network or the shared corpus: they g
 for download code, serve it from a local HTTP server on 127.0.0.1.
 """
 
+import contextlib
 import os
 import random
 import re
@@ -24,6 +25,21 @@ def write_text_parquet(path, texts, row_group_size):
     """A parquet file with one `text` column, `row_group_size` rows per row group (like the real shards)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(pa.table({"text": list(texts)}), path, row_group_size=row_group_size)
+
+
+@contextlib.contextmanager
+def environment(**variables):
+    """Set environment variables for a block (a module-scoped fixture's lifetime), then restore them."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_pretraining_base_dir(base, vocab_size):

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_pretraining_base_dir
+from conftest import environment, make_pretraining_base_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "base_train.py")
@@ -31,15 +31,8 @@ def base_dir(tmp_path_factory):
     """Shards 0-2 for training, shard 3 for validation (row groups of 8 documents), and a tokenizer."""
     base = str(tmp_path_factory.mktemp("nanochat_base"))
     make_pretraining_base_dir(base, VOCAB)
-    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATA_MAX_SHARD")}
-    os.environ["NANOCHAT_BASE_DIR"] = base
-    os.environ["NANOCHAT_DATA_MAX_SHARD"] = "3"
-    yield base
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environment(NANOCHAT_BASE_DIR=base, NANOCHAT_DATA_MAX_SHARD="3"):
+        yield base
 
 
 def run_train(args):

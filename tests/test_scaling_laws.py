@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import make_pretraining_base_dir
+from conftest import environment, make_pretraining_base_dir
 from test_core_eval import make_bundle
 from nanochat import scaling
 from nanochat.checkpoint_manager import list_steps
@@ -38,14 +38,8 @@ def base(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("scaling_base"))
     make_pretraining_base_dir(base, VOCAB)
     make_bundle(base)  # <base>/eval_bundle: CORE over 3 tiny tasks
-    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATA_MAX_SHARD")}
-    os.environ.update(NANOCHAT_BASE_DIR=base, NANOCHAT_DATA_MAX_SHARD="3")
-    yield base
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environment(NANOCHAT_BASE_DIR=base, NANOCHAT_DATA_MAX_SHARD="3"):
+        yield base
 
 
 def sweep_command(*args):
