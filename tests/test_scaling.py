@@ -66,6 +66,25 @@ def test_fit_of_chinchilla_loss_matches_its_closed_form():
     assert fit.b == pytest.approx(alpha / (alpha + beta), abs=0.01)
 
 
+def test_three_depths_refit_with_one_left_out_keep_the_curvature():
+    """
+    With three depths a refit without one has two points per budget: it keeps the full fit's curvature. On an
+    exact parabola every such refit lands on the same optimum (spread of zero width); with noise it moves.
+    """
+    n_opt = lambda c: (c / 120) ** 0.5
+    law = lambda n, c: 3.0 - 0.1 * math.log10(c) + 0.05 * math.log(n / n_opt(c)) ** 2
+    sizes = [4e6, 1.6e7, 6.4e7]  # N*(1e16) = 9.1e6 and N*(1e17) = 2.9e7: both nearest the middle one
+    budgets = [1e16, 1e17]
+    fit = scaling.fit_sweep(rows_from(law, budgets, sizes))
+    assert [f.status for f in fit.budgets] == ["interior", "interior"] and len(fit.refits) == 3
+    for name, value in (("a", fit.a), ("b", fit.b), ("ratio", fit.ratio)):
+        assert fit.spread[name] == pytest.approx((value, value), rel=1e-9)
+    rng = np.random.default_rng(1)
+    noisy = scaling.fit_sweep(rows_from(lambda n, c: law(n, c) + rng.normal(0, 0.01), budgets, sizes))
+    low, high = noisy.spread["a"]
+    assert low < high and all(a is not None for _, a, _, _ in noisy.refits)
+
+
 def test_a_budget_whose_optimum_lies_outside_its_models_is_flagged_not_fit():
     """
     The smallest budget's optimum lies below every model (its best point is the smallest one): it is marked
