@@ -53,8 +53,8 @@ gpu|gpu_miniseries)
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
     # The longest run, depth 10 at 1e19 FLOPs, trains on ~14B tokens: ~270 FineWeb-Edu shards (~52M tokens each).
     python -m nanochat.dataset -n 300
-    if [ ! -e "$(python -c 'from nanochat.common import get_base_dir; print(get_base_dir())')/tokenizer/token_bytes.pt" ]
-    then
+    BASE_DIR=$(python -c "from nanochat.common import get_base_dir; print(get_base_dir())")
+    if [ ! -e "$BASE_DIR/tokenizer/token_bytes.pt" ]; then
         python -m scripts.tok_train --max_chars=2000000000 --vocab_size=65536  # the speedrun's tokenizer
     fi
     GPU_SETTINGS=(--label=gpu --device_type=cuda --nproc_per_node="${NPROC_PER_NODE:-8}" --max_seq_len=2048

@@ -205,7 +205,7 @@ def write_point(row):
     atomic_write(os.path.join(points_dir, f"{row['tag']}.json"), lambda f: json.dump(row, f, indent=1), mode="w")
 
 def read_points():
-    """Every finished point of this label and kind (any shard's, any earlier grid's), checked for one set of settings."""
+    """Every finished point of this label and kind (any shard's, any earlier grid's), checked for one settings set."""
     rows = []
     if os.path.isdir(points_dir):
         for name in sorted(os.listdir(points_dir)):
@@ -356,6 +356,7 @@ if kind == "sweep":
     scaling.plot_frontier(fit, os.path.join(results_dir, "frontier.png"))
     images = [("isoflop.png", "iso-FLOP curves"), ("optimal.png", "N* and D* against C"),
               ("frontier.png", "loss frontier")]
+    attention = [1 - 6 * r["params_no_embedding"] / r["flops_per_token"] for r in rows]  # 12 L d T of the FLOPs
     optimum_table = markdown_table(
         ["budget C", "optimum", "N*", "D* (tokens)", "D*/N*", "fitted bpb", "best measured bpb"],
         [[f"{f.budget:.3g}", f.status, fmt(f.n_opt, ",.0f"), fmt(f.tokens_opt, ",.0f"), fmt(f.ratio, ".2f"),
@@ -373,7 +374,8 @@ if kind == "sweep":
         f"- optimal tokens per parameter D*/N*: {with_spread('ratio', fit.ratio, '.2f')}"
         + (f"; {fit.ratio_6n:.2f} with the 6N convention (D* = C/6N*)" if fit.ratio_6n else ""),
         f"- from {len(fit.used)} of {len(fit.budgets)} budgets (those with an interior optimum); "
-        f"N = {param_label}; D* = C / FLOPs per token of N* in base_train's count (6N + attention)",
+        f"N = {param_label}; D* = C / FLOPs per token of N* in base_train's count: 6 per parameter without the "
+        f"token embedding, plus attention (here {min(attention):.0%} to {max(attention):.0%} of it)",
         *[f"- note: {note}" for note in fit.notes],
     ]
     section = "Scaling laws"

@@ -133,13 +133,14 @@ def test_shards_split_the_grid_and_the_analysis_merges_them(base, grid):
 def test_a_rerun_trains_nothing(base, grid):
     results, _ = grid
     folders = [os.path.join(base, "base_checkpoints", tag("grid", c, d)) for c in BUDGETS for d in DEPTHS]
-    before = {os.path.join(f, name): os.stat(os.path.join(f, name)).st_mtime_ns for f in folders for name in os.listdir(f)}
+    mtimes = lambda: {os.path.join(f, name): os.stat(os.path.join(f, name)).st_mtime_ns
+                      for f in folders for name in os.listdir(f)}
+    before = mtimes()
     csv_before = open(os.path.join(results, "results.csv")).read()
     code, out = sweep(base, *GRID)
     assert code == 0, out
     assert "6 finished already, 0 to train" in out
-    after = {os.path.join(f, name): os.stat(os.path.join(f, name)).st_mtime_ns for f in folders for name in os.listdir(f)}
-    assert after == before
+    assert mtimes() == before
     assert open(os.path.join(results, "results.csv")).read() == csv_before
 
 
