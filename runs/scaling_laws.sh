@@ -20,6 +20,10 @@
 set -Eeuo pipefail
 PRESET=${1:-}
 shift || true
+if [[ ! "$PRESET" =~ ^(cpu|cpu_miniseries|gpu|gpu_miniseries)$ ]]; then
+    echo "usage: bash runs/scaling_laws.sh cpu|cpu_miniseries|gpu|gpu_miniseries [--setting=value ...]" >&2
+    exit 2
+fi
 source "$(dirname "$0")/setup_env.sh"  # creates .venv on first use, then activates it
 cd "$REPO_ROOT"
 
@@ -67,9 +71,5 @@ gpu|gpu_miniseries)
         python -m scripts.scaling_laws "${GPU_SETTINGS[@]}" --miniseries --depths=12,14,16,18,20,22,24,26 \
             --device_batch_size=16 "$@"
     fi
-    ;;
-*)
-    echo "usage: bash runs/scaling_laws.sh cpu|cpu_miniseries|gpu|gpu_miniseries [--setting=value ...]" >&2
-    exit 2
     ;;
 esac
