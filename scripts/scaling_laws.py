@@ -249,6 +249,7 @@ def run_point(point, resume_step):
         try:
             for line in proc.stdout:
                 sys.stdout.write(line)
+                sys.stdout.flush()  # promptly, also into a pipe or a file
                 log.write(line)
             code = proc.wait()
         finally:
