@@ -42,23 +42,25 @@ def environment(**variables):
                 os.environ[k] = v
 
 
+def make_documents(rng, count):
+    """`count` documents of 3-12 short generated sentences (random.Random rng)."""
+    subjects = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the teacher"]
+    verbs = ["sees", "likes", "follows", "finds", "watches", "carries", "remembers"]
+    objects = ["the ball", "a red house", "the moon", "some bread", "the green hill", "a letter", "the garden"]
+    return [" ".join(f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)}."
+                     for _ in range(rng.randint(3, 12))) for _ in range(count)]
+
+
 def make_pretraining_base_dir(base, vocab_size):
     """
-    Pretraining data in NANOCHAT_BASE_DIR `base`: short generated sentences in shards 0-2 (training) and 3
-    (validation; set NANOCHAT_DATA_MAX_SHARD=3), 64 documents each in row groups of 8, and a tokenizer.
+    Pretraining data in NANOCHAT_BASE_DIR `base`: generated documents in shards 0-2 (training) and 3
+    (validation; set NANOCHAT_DATA_MAX_SHARD=3), 64 each in row groups of 8, and a tokenizer.
     """
     rng = random.Random(0)
-
-    def documents(count):
-        subjects = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the teacher"]
-        verbs = ["sees", "likes", "follows", "finds", "watches", "carries", "remembers"]
-        objects = ["the ball", "a red house", "the moon", "some bread", "the green hill", "a letter", "the garden"]
-        return [" ".join(f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)}."
-                         for _ in range(rng.randint(3, 12))) for _ in range(count)]
-
     for shard in range(4):
-        write_text_parquet(os.path.join(base, "base_data", f"shard_{shard:05d}.parquet"), documents(64), 8)
-    RustBPETokenizer.train_from_iterator(iter(documents(200)), vocab_size).save(os.path.join(base, "tokenizer"))
+        write_text_parquet(os.path.join(base, "base_data", f"shard_{shard:05d}.parquet"), make_documents(rng, 64), 8)
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(make_documents(rng, 200)), vocab_size)
+    tokenizer.save(os.path.join(base, "tokenizer"))
 
 
 @pytest.fixture
