@@ -90,24 +90,16 @@ class BudgetFit:
         return self.tokens_opt / self.n_opt if self.n_opt else None
 
 
-def fit_budget(budget, params, bpb, flops_per_token, curvature=None):
+def fit_budget(budget, params, bpb, flops_per_token):
     """
     Fit one budget's points (params: N of each, bpb: its val bpb); flops_per_token(N) gives F for D* = C / F(N*).
     The vertex is computed whenever the parabola opens upwards, edge or not: the caller decides what to trust.
-    With two points and a curvature (c2, from a fit of more points) the parabola is still determined: that is
-    how a budget of three depths is refit with one of them left out.
     """
     order = np.argsort(params)
     params, bpb = [float(params[i]) for i in order], [float(bpb[i]) for i in order]
-    x = np.log(params)
-    if len(params) == 2 and curvature is not None:
-        c2 = curvature
-        c1 = ((bpb[1] - c2 * x[1] ** 2) - (bpb[0] - c2 * x[0] ** 2)) / (x[1] - x[0])
-        c0 = bpb[0] - c2 * x[0] ** 2 - c1 * x[0]
-    elif len(params) < 3:
+    if len(params) < 3:
         return BudgetFit(budget, params, bpb, "too few points")
-    else:
-        c2, c1, c0 = np.polyfit(x, bpb, 2)
+    c2, c1, c0 = np.polyfit(np.log(params), bpb, 2)
     if c2 <= 0:
         return BudgetFit(budget, params, bpb, "no minimum", (c2, c1, c0))
     log_n = -c1 / (2 * c2)
@@ -128,19 +120,18 @@ class SweepFit:
     ratio: float = None  # D*/N*, geometric mean over the used budgets
     ratio_6n: float = None  # the same with D* = C / 6N* (the usual convention), for comparison
     spread: dict = field(default_factory=dict)  # "a", "b", "ratio" -> (min, max) over leave-one-depth-out refits
-    # (a budget left with two depths keeps the curvature of its full fit: the two points then fix the vertex)
     refits: list = field(default_factory=list)  # (left-out depth, a, b, ratio)
     notes: list = field(default_factory=list)  # plain words on what could not be fit and why
 
 
-def _fit_rows(rows, param_key, flops_per_token, only_budgets=None, curvatures=None):
+def _fit_rows(rows, param_key, flops_per_token, only_budgets=None):
     """BudgetFit per budget, then the exponents and ratio over the interior ones (or over only_budgets)."""
     budgets = sorted({r["budget"] for r in rows})
     fits = []
     for budget in budgets:
         points = [r for r in rows if r["budget"] == budget]
         fits.append(fit_budget(budget, [r[param_key] for r in points], [r["val_bpb"] for r in points],
-                               flops_per_token, (curvatures or {}).get(budget)))
+                               flops_per_token))
     if only_budgets is None:
         used = [f for f in fits if f.status == "interior"]
     else:
@@ -176,11 +167,12 @@ def fit_sweep(rows, param_key="params_no_embedding"):
             result.notes.append(f"budget {f.budget:.3g}: {f.status} ({len(f.params)} points); left out")
     if len(result.used) < 2:
         result.notes.append(f"{len(result.used)} budget(s) with an interior optimum: the exponents a and b need two")
+    if result.used and min(len(f.params) for f in result.used) < 4:
+        result.notes.append("no spread: a budget of three depths has none left to refit with one left out "
+                            "(three points fix a parabola exactly); four or more depths give one")
     used_budgets = {f.budget for f in result.used}
-    curvatures = {f.budget: f.coefficients[0] for f in result.used}  # for budgets left with two depths
     for depth in sorted(models):
-        refit = _fit_rows([r for r in rows if r["depth"] != depth], param_key, flops_per_token, used_budgets,
-                          curvatures)
+        refit = _fit_rows([r for r in rows if r["depth"] != depth], param_key, flops_per_token, used_budgets)
         result.refits.append((depth, refit.a, refit.b, refit.ratio))
     for i, name in enumerate(("a", "b", "ratio"), start=1):
         values = [refit[i] for refit in result.refits if refit[i] is not None]

@@ -32,8 +32,9 @@ cpu|cpu_miniseries)
     # Its own base dir: the sweep wants a far smaller vocabulary (512) than runcpu.sh's tokenizer, so that
     # depths 1-3 (82k, 458k, 1.4M parameters without the embedding) bracket the optimum at CPU-sized budgets.
     # Measured on the local corpus (val bpb of depths 1/2/3): at 3e12 FLOPs depth 1 is best (2.38/2.46/2.72),
-    # the optimum lies below the smallest model; at 1e13 depth 2 is (2.30/2.29/2.36). Hence 1e13 and 3e13:
-    # 1.2e14 FLOPs in all, about 45 minutes on 2 idle cores (depth 1 runs at the lowest FLOP/s).
+    # the optimum lies below the smallest model; at 1e13 and 3e13 depth 2 is (2.31/2.29/2.35, 2.26/2.12/2.17).
+    # Depth 4 gives each budget a fourth point, so that a fit with any one depth left out exists (the spread).
+    # 1.6e14 FLOPs in all, about an hour on 2 busy cores (depth 1 runs at the lowest FLOP/s).
     export NANOCHAT_BASE_DIR=${NANOCHAT_SCALING_CPU_BASE_DIR:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/scaling_cpu}
     export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # waiting threads sleep: much faster on a busy machine
     SHARDS=10  # the whole of a small corpus (NANOCHAT_DATA_MAX_SHARD=10), or 10 FineWeb-Edu shards
@@ -44,7 +45,7 @@ cpu|cpu_miniseries)
     CPU_SETTINGS=(--label=cpu --device_type=cpu --max_seq_len=128 --device_batch_size=16 --total_batch_size=2048
                   --eval_tokens=32768 --save_every_minutes=5)
     if [ "$PRESET" = cpu ]; then
-        python -m scripts.scaling_laws "${CPU_SETTINGS[@]}" --budgets=1e13,3e13 --depths=1,2,3 \
+        python -m scripts.scaling_laws "${CPU_SETTINGS[@]}" --budgets=1e13,3e13 --depths=1,2,3,4 \
             --core_metric=false "$@"
     else  # at ~20 tokens per parameter depth 3 alone would take 2e14 FLOPs: depths 1 and 2 only
         python -m scripts.scaling_laws "${CPU_SETTINGS[@]}" --miniseries --depths=1,2 \

@@ -66,23 +66,17 @@ def test_fit_of_chinchilla_loss_matches_its_closed_form():
     assert fit.b == pytest.approx(alpha / (alpha + beta), abs=0.01)
 
 
-def test_three_depths_refit_with_one_left_out_keep_the_curvature():
-    """
-    With three depths a refit without one has two points per budget: it keeps the full fit's curvature. On an
-    exact parabola every such refit lands on the same optimum (spread of zero width); with noise it moves.
-    """
+def test_three_depths_give_a_fit_but_no_spread_and_say_so():
+    """Three points fix each parabola exactly: the optimum is found, and the note says why no spread exists."""
     n_opt = lambda c: (c / 120) ** 0.5
     law = lambda n, c: 3.0 - 0.1 * math.log10(c) + 0.05 * math.log(n / n_opt(c)) ** 2
     sizes = [4e6, 1.6e7, 6.4e7]  # N*(1e16) = 9.1e6 and N*(1e17) = 2.9e7: both nearest the middle one
-    budgets = [1e16, 1e17]
-    fit = scaling.fit_sweep(rows_from(law, budgets, sizes))
-    assert [f.status for f in fit.budgets] == ["interior", "interior"] and len(fit.refits) == 3
-    for name, value in (("a", fit.a), ("b", fit.b), ("ratio", fit.ratio)):
-        assert fit.spread[name] == pytest.approx((value, value), rel=1e-9)
-    rng = np.random.default_rng(1)
-    noisy = scaling.fit_sweep(rows_from(lambda n, c: law(n, c) + rng.normal(0, 0.01), budgets, sizes))
-    low, high = noisy.spread["a"]
-    assert low < high and all(a is not None for _, a, _, _ in noisy.refits)
+    fit = scaling.fit_sweep(rows_from(law, [1e16, 1e17], sizes))
+    assert [f.status for f in fit.budgets] == ["interior", "interior"]
+    assert [f.n_opt for f in fit.budgets] == pytest.approx([n_opt(1e16), n_opt(1e17)], rel=1e-9)
+    assert fit.a == pytest.approx(0.5, abs=1e-9) and fit.spread == {}
+    assert [refit[1:] for refit in fit.refits] == [(None, None, None)] * 3
+    assert any(note.startswith("no spread: a budget of three depths") for note in fit.notes)
 
 
 def test_a_budget_whose_optimum_lies_outside_its_models_is_flagged_not_fit():
