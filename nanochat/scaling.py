@@ -120,7 +120,7 @@ class SweepFit:
     ratio: float = None  # D*/N*, geometric mean over the used budgets
     ratio_6n: float = None  # the same with D* = C / 6N* (the usual convention), for comparison
     spread: dict = field(default_factory=dict)  # "a", "b", "ratio" -> (min, max) over leave-one-depth-out refits
-    refits: list = field(default_factory=list)  # (left-out depth, a, b, ratio)
+    refits: list = field(default_factory=list)  # (left-out depth, a, b, ratio, every optimum still interior)
     notes: list = field(default_factory=list)  # plain words on what could not be fit and why
 
 
@@ -170,14 +170,22 @@ def fit_sweep(rows, param_key="params_no_embedding"):
     if result.used and min(len(f.params) for f in result.used) < 4:
         result.notes.append("no spread: a budget of three depths has none left to refit with one left out "
                             "(three points fix a parabola exactly); four or more depths give one")
+    # The spread: refit with each depth left out, over the same budgets. A refit that puts a budget's optimum at
+    # the edge of its remaining depths is an extrapolation, kept out of the spread as out of the main fit.
     used_budgets = {f.budget for f in result.used}
     for depth in sorted(models):
         refit = _fit_rows([r for r in rows if r["depth"] != depth], param_key, flops_per_token, used_budgets)
-        result.refits.append((depth, refit.a, refit.b, refit.ratio))
+        interior = len(refit.used) == len(used_budgets) and all(f.status == "interior" for f in refit.used)
+        result.refits.append((depth, refit.a, refit.b, refit.ratio, interior))
     for i, name in enumerate(("a", "b", "ratio"), start=1):
-        values = [refit[i] for refit in result.refits if refit[i] is not None]
+        values = [refit[i] for refit in result.refits if refit[i] is not None and refit[4]]
         if values:
             result.spread[name] = (min(values), max(values))
+    at_edge = [refit[0] for refit in result.refits if refit[3] is not None and not refit[4]]
+    if at_edge:
+        result.notes.append(f"spread from {len(result.refits) - len(at_edge)} of {len(result.refits)} "
+                            f"leave-one-depth-out refits: without depth {', '.join(map(str, at_edge))} an optimum "
+                            "lies at the edge of the depths left (an extrapolation)")
     return result
 
 

@@ -32,7 +32,8 @@ def test_fit_recovers_a_known_law_from_noisy_points():
     n_opt = lambda c: k * c ** 0.5
     loss = lambda n, c: 3.0 - 0.1 * math.log10(c) + 0.05 * math.log(n / n_opt(c)) ** 2 + rng.normal(0, 0.002)
     fit = scaling.fit_sweep(rows_from(loss))
-    assert [f.status for f in fit.budgets] == ["interior"] * 4 and fit.notes == []
+    assert [f.status for f in fit.budgets] == ["interior"] * 4
+    assert [note for note in fit.notes if not note.startswith("spread from 8 of 9")] == []  # 1e15 needs depth 1
     for f in fit.budgets:
         assert f.n_opt == pytest.approx(n_opt(f.budget), rel=0.10)
         assert f.tokens_opt == pytest.approx(f.budget / (6 * f.n_opt), rel=1e-9)  # D* = C / F(N*), F exact here
@@ -44,6 +45,26 @@ def test_fit_recovers_a_known_law_from_noisy_points():
         assert low <= value <= high and high - low < 0.1
     low, high = fit.spread["ratio"]
     assert low <= fit.ratio <= high
+    assert all(refit[4] for refit in fit.refits[1:-1])  # without an inner depth every optimum stays inside
+
+
+def test_refits_that_put_an_optimum_at_the_edge_are_left_out_of_the_spread():
+    """
+    Four depths, the optimum nearest the second: without depth 1 the second is the smallest model left and still
+    the best, so that refit is an extrapolation; it is listed, kept out of the spread, and a note names it.
+    """
+    n_opt = lambda c: (c / 120) ** 0.5
+    law = lambda n, c: 3.0 - 0.1 * math.log10(c) + 0.05 * math.log(n / n_opt(c)) ** 2
+    sizes = [2e6, 8e6, 3.2e7, 1.28e8]  # N*(1e16) = 9.1e6, N*(1e17) = 2.9e7: nearest depths 2 and 3
+    rng = np.random.default_rng(2)
+    fit = scaling.fit_sweep(rows_from(lambda n, c: law(n, c) + rng.normal(0, 0.003), [1e16, 1e17], sizes))
+    assert [f.status for f in fit.budgets] == ["interior", "interior"]
+    depth_1_out = fit.refits[0]
+    assert depth_1_out[0] == 1 and depth_1_out[1] is not None and depth_1_out[4] is False  # 1e16: depth 2 at the edge
+    kept = [refit for refit in fit.refits if refit[4]]
+    assert kept and fit.spread["a"] == (min(r[1] for r in kept), max(r[1] for r in kept))
+    assert any(note.startswith(f"spread from {len(kept)} of 4 leave-one-depth-out refits: without depth 1")
+               for note in fit.notes)
 
 
 def test_fit_of_chinchilla_loss_matches_its_closed_form():
@@ -75,7 +96,7 @@ def test_three_depths_give_a_fit_but_no_spread_and_say_so():
     assert [f.status for f in fit.budgets] == ["interior", "interior"]
     assert [f.n_opt for f in fit.budgets] == pytest.approx([n_opt(1e16), n_opt(1e17)], rel=1e-9)
     assert fit.a == pytest.approx(0.5, abs=1e-9) and fit.spread == {}
-    assert [refit[1:] for refit in fit.refits] == [(None, None, None)] * 3
+    assert [refit[1:4] for refit in fit.refits] == [(None, None, None)] * 3
     assert any(note.startswith("no spread: a budget of three depths") for note in fit.notes)
 
 
