@@ -184,8 +184,9 @@ def fit_sweep(rows, param_key="params_no_embedding"):
     at_edge = [refit[0] for refit in result.refits if refit[3] is not None and not refit[4]]
     if at_edge:
         result.notes.append(f"spread from {len(result.refits) - len(at_edge)} of {len(result.refits)} "
-                            f"leave-one-depth-out refits: without depth {', '.join(map(str, at_edge))} an optimum "
-                            "lies at the edge of the depths left (an extrapolation)")
+                            "leave-one-depth-out refits: leaving out "
+                            + " or ".join(f"depth {d}" for d in at_edge)
+                            + " puts an optimum at the edge of the depths left (an extrapolation)")
     return result
 
 

@@ -63,7 +63,7 @@ def test_refits_that_put_an_optimum_at_the_edge_are_left_out_of_the_spread():
     assert depth_1_out[0] == 1 and depth_1_out[1] is not None and depth_1_out[4] is False  # 1e16: depth 2 at the edge
     kept = [refit for refit in fit.refits if refit[4]]
     assert kept and fit.spread["a"] == (min(r[1] for r in kept), max(r[1] for r in kept))
-    assert any(note.startswith(f"spread from {len(kept)} of 4 leave-one-depth-out refits: without depth 1")
+    assert any(note.startswith(f"spread from {len(kept)} of 4 leave-one-depth-out refits: leaving out depth 1 ")
                for note in fit.notes)
 
 
