@@ -339,7 +339,8 @@ point_table = markdown_table(
       format_seconds(r["wall_time_s"]), fmt(r["tok_per_sec"], ",.0f")] for r in rows])
 report = get_report()
 images = []  # (file name in the results folder, title)
-shown = {k: v for k, v in rows[0]["settings"].items() if k in shared_settings and k not in POINT_SETTINGS | HARMLESS}
+unshown = POINT_SETTINGS | HARMLESS | {"eval_every", "sample_every", "write_report"}  # the same for any sweep
+shown = {k: v for k, v in rows[0]["settings"].items() if k in shared_settings and k not in unshown}
 settings_line = (f"{len(rows)} finished points in `{results_dir}`, each a base_train run with "
                  + " ".join(f"--{k}={v}" for k, v in shown.items()) + ".")
 
@@ -402,5 +403,5 @@ print("\n".join(["", f"## {section}", *body]))
 for name, title in images:
     shutil.copyfile(os.path.join(results_dir, name), os.path.join(report.report_dir, f"scaling_{name}"))
     body += ["", f"![{title}]({IMAGE_DIR}/scaling_{name})"]
-report.log(section=section, data=body)
+report.log(section=section, data="\n".join(body))  # one block: its blank lines separate the tables
 print(f"\nWrote {os.path.join(results_dir, csv_name)}, the plots next to it, and the report section '{section}'")
