@@ -70,8 +70,9 @@ class PreparedLinear(nn.Module):
                              persistent=False)
 
     def forward(self, x):
-        if self.pack:
-            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, None, "none", [None], "")
+        if self.pack:  # oneDNN's matmul of a 2D input: with the (B, 1, C) of a decode step it costs more per call
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).flatten(0, -2), self.weight, None, "none", [None], "")
+            return y.view(*x.shape[:-1], -1)
         return F.linear(x.to(self.dtype), self.weight)
 
 

@@ -322,3 +322,20 @@ def build_gpt(config, device="cpu"):
     model.to_empty(device=device)
     model.init_weights()
     return model
+
+
+def depth_config(depth, vocab_size, sequence_len):
+    """
+    The model of a given depth, nanochat's one dial: width 64 per layer, ceil(width/128) heads (dim ~128),
+    each with its own keys and values. Depths whose width the heads do not divide are refused: the odd
+    depths that work are those one below a power of two (1, 3, 7, 15, 31); every even depth works.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    width = 64 * depth
+    num_heads = -(-width // 128)  # ceil division
+    if width % num_heads != 0:
+        raise ValueError(f"depth {depth} gives width {width}, which its {num_heads} heads do not divide: "
+                         f"use depth {depth - 1} or {depth + 1}")
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
+                     n_kv_head=num_heads, n_embd=width)

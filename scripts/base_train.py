@@ -13,6 +13,7 @@ with a log.jsonl of every step. `--resume_from_step=S` continues exactly where s
 
 import os
 import time
+import dataclasses
 from contextlib import nullcontext
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on GPUs
@@ -25,7 +26,7 @@ from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_ba
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, list_steps
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, depth_config
 from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loader_state
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core, ensure_eval_bundle
@@ -74,8 +75,10 @@ save_every = -1  # steps between checkpoints (-1 = only at the end)
 save_every_minutes = -1.0  # also save once this much training time passed since the last save (-1 = off)
 # Output: where checkpoints and the step log go
 model_tag = ""  # folder under <base>/base_checkpoints ("" = d<depth>)
+write_report = True  # log the "Base model training" report section (off in sweeps: each run would overwrite it)
 user_config = configure(globals(), __file__)  # apply --name=value overrides; the final settings, logged with the run
 # -----------------------------------------------------------------------------
+session_start = time.time()  # (not a setting: set after them) the run's wall time adds up its sessions from here
 
 for name, allowed in (("dtype", ("auto", "bfloat16", "float32")), ("compile", ("auto", "true", "false"))):
     if globals()[name] not in allowed:
@@ -101,15 +104,17 @@ except FileNotFoundError as e:
 print0(f"Vocab size: {vocab_size:,}")
 
 # Model: everything follows from depth (aspect ratio 64, head dim 128)
-num_layers = depth
-model_dim = depth * 64
-num_heads = max(1, (model_dim + 127) // 128)  # ceil division
-num_kv_heads = num_heads  # 1:1, i.e. no grouped-query attention
-model_config_kwargs = dict(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=num_layers,
-                           n_head=num_heads, n_kv_head=num_kv_heads, n_embd=model_dim)
+try:
+    model_config = depth_config(depth, vocab_size, max_seq_len)
+except ValueError as e:
+    fail(str(e), every_rank_agrees=True)
+model_config_kwargs = dataclasses.asdict(model_config)
+num_layers, model_dim = model_config.n_layer, model_config.n_embd
+num_heads, num_kv_heads = model_config.n_head, model_config.n_kv_head
 with torch.device("meta"):  # shapes only, no memory yet: the dry run needs no more
-    model = GPT(GPTConfig(**model_config_kwargs))
+    model = GPT(model_config)
 num_params = sum(p.numel() for p in model.parameters())
+num_params_no_embedding = num_params - model.transformer.wte.weight.numel()  # the lookup table costs no FLOPs
 num_flops_per_token = model.estimate_flops()
 print0(f"Model: {num_layers} layers, dim {model_dim}, {num_heads} heads ({num_kv_heads} kv), "
        f"head dim {model_dim // num_heads}")
@@ -200,7 +205,8 @@ if resuming:
     del model_data
     # settings that change the optimisation itself (evaluation, sampling, saving and naming do not)
     harmless = {"run", "dry_run", "resume_from_step", "eval_every", "eval_tokens", "core_metric_every",
-                "core_metric_max_per_task", "sample_every", "save_every", "save_every_minutes", "model_tag"}
+                "core_metric_max_per_task", "sample_every", "save_every", "save_every_minutes", "model_tag",
+                "write_report"}
     warn_changed_settings(meta_data["user_config"], user_config, harmless)
 
 # Precision, compilation and threads, chosen per device (a resumed run makes the choices it saved: exact continuation)
@@ -282,6 +288,7 @@ else:
     min_val_bpb = loop_state["min_val_bpb"]
     smooth_train_loss = loop_state["smooth_train_loss"]
     total_training_time = loop_state["total_training_time"]
+    session_start -= loop_state.get("wall_time", 0.0)  # the sessions before this one count too
     val_bpb = meta_data.get("val_bpb")
     restore_rng_state(loop_state.get("rng", {}), device)
 # the data position a checkpoint records: just after the last batch trained on (set by every micro-step;
@@ -296,6 +303,10 @@ def save_current_step():
     meta = {
         "step": step,
         "val_bpb": val_bpb,
+        "num_iterations": num_iterations,
+        "num_params": num_params,
+        "num_params_no_embedding": num_params_no_embedding,
+        "flops_per_token": num_flops_per_token,
         "model_config": model_config_kwargs,
         "user_config": user_config,
         "device_batch_size": device_batch_size,
@@ -305,6 +316,7 @@ def save_current_step():
             "min_val_bpb": min_val_bpb,
             "smooth_train_loss": smooth_train_loss,
             "total_training_time": total_training_time,
+            "wall_time": time.time() - session_start,  # since the run began, evaluations and start-up included
             "rng": capture_rng_state(device),
             "machine_choices": machine_choices(use_bf16, muon_optimizer, use_compile),
         },
@@ -382,6 +394,8 @@ while True:
             interrupted = True
             break
         print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}")
+        step_log.log({"step": step, "core_metric": results["core_metric"],
+                      "core_tasks": len(results["centered_results"])})
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
                        "centered_results": results["centered_results"]})
         orig_model.train()
@@ -486,7 +500,7 @@ mean_tok_per_sec = total_batch_size * (step - 11) / total_training_time if total
 mean_mfu = 100 * num_flops_per_token * mean_tok_per_sec / peak_flops if mean_tok_per_sec else mfu  # else the last
 if mean_tok_per_sec:
     print0(f"Mean throughput after warm-up: {mean_tok_per_sec:,.0f} tok/s | MFU {mean_mfu:.2f}%")
-if not interrupted:
+if not interrupted and write_report:
     get_report().log(section="Base model training", data=[
         user_config,
         {

@@ -3,6 +3,7 @@ Shared test fixtures. Tests never touch the network or the shared corpus: they g
 for download code, serve it from a local HTTP server on 127.0.0.1.
 """
 
+import contextlib
 import os
 import random
 import re
@@ -24,6 +25,42 @@ def write_text_parquet(path, texts, row_group_size):
     """A parquet file with one `text` column, `row_group_size` rows per row group (like the real shards)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(pa.table({"text": list(texts)}), path, row_group_size=row_group_size)
+
+
+@contextlib.contextmanager
+def environment(**variables):
+    """Set environment variables for a block (a module-scoped fixture's lifetime), then restore them."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def make_documents(rng, count):
+    """`count` documents of 3-12 short generated sentences (random.Random rng)."""
+    subjects = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the teacher"]
+    verbs = ["sees", "likes", "follows", "finds", "watches", "carries", "remembers"]
+    objects = ["the ball", "a red house", "the moon", "some bread", "the green hill", "a letter", "the garden"]
+    return [" ".join(f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)}."
+                     for _ in range(rng.randint(3, 12))) for _ in range(count)]
+
+
+def make_pretraining_base_dir(base, vocab_size):
+    """
+    Pretraining data in NANOCHAT_BASE_DIR `base`: generated documents in shards 0-2 (training) and 3
+    (validation; set NANOCHAT_DATA_MAX_SHARD=3), 64 each in row groups of 8, and a tokenizer.
+    """
+    rng = random.Random(0)
+    for shard in range(4):
+        write_text_parquet(os.path.join(base, "base_data", f"shard_{shard:05d}.parquet"), make_documents(rng, 64), 8)
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(make_documents(rng, 200)), vocab_size)
+    tokenizer.save(os.path.join(base, "tokenizer"))
 
 
 @pytest.fixture

@@ -8,16 +8,15 @@ nan handling, and a 2-process gloo run against 1 process.
 import ast
 import json
 import os
-import random
 import runpy
 import signal
 import subprocess
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+
+from conftest import environment, make_pretraining_base_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "base_train.py")
@@ -28,34 +27,13 @@ TOY = ["--device_type=cpu", "--dtype=float32", "--compile=false", "--depth=2", "
        "--eval_tokens=512", "--core_metric_every=-1", "--sample_every=-1"]
 
 
-def make_documents(rng, count):
-    subjects = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the teacher"]
-    verbs = ["sees", "likes", "follows", "finds", "watches", "carries", "remembers"]
-    objects = ["the ball", "a red house", "the moon", "some bread", "the green hill", "a letter", "the garden"]
-    return [" ".join(f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)}."
-                     for _ in range(rng.randint(3, 12))) for _ in range(count)]
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """Shards 0-2 for training, shard 3 for validation (row groups of 8 documents), and a tokenizer."""
-    from nanochat.tokenizer import RustBPETokenizer
     base = str(tmp_path_factory.mktemp("nanochat_base"))
-    rng = random.Random(0)
-    os.makedirs(os.path.join(base, "base_data"))
-    for shard in range(4):
-        table = pa.table({"text": make_documents(rng, 64)})
-        pq.write_table(table, os.path.join(base, "base_data", f"shard_{shard:05d}.parquet"), row_group_size=8)
-    RustBPETokenizer.train_from_iterator(iter(make_documents(rng, 200)), VOCAB).save(os.path.join(base, "tokenizer"))
-    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATA_MAX_SHARD")}
-    os.environ["NANOCHAT_BASE_DIR"] = base
-    os.environ["NANOCHAT_DATA_MAX_SHARD"] = "3"
-    yield base
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    make_pretraining_base_dir(base, VOCAB)
+    with environment(NANOCHAT_BASE_DIR=base, NANOCHAT_DATA_MAX_SHARD="3"):
+        yield base
 
 
 def run_train(args):
@@ -230,6 +208,11 @@ def test_training_writes_checkpoint_and_log(full_run):
     assert {"min_val_bpb", "smooth_train_loss", "total_training_time", "rng"} <= meta["loop_state"].keys()
     assert meta["loop_state"]["machine_choices"]["autocast"] == "float32"  # --dtype=float32
     assert meta["loop_state"]["machine_choices"]["compile"] is False  # --compile=false
+    # what a sweep reads back (scripts/scaling_laws.py): the sizes, the horizon, and the wall time of the run
+    params = 2 * VOCAB * 128 + 12 * 2 * 128 ** 2
+    assert (meta["num_params"], meta["num_params_no_embedding"]) == (params, params - VOCAB * 128)
+    assert meta["flops_per_token"] == 6 * (params - VOCAB * 128) + 12 * 2 * 128 * 64 and meta["num_iterations"] == 6
+    assert meta["loop_state"]["wall_time"] > 0
     train, evals = read_log(full_run, "full")
     assert sorted(train) == list(range(6)) and sorted(evals) == [0, 3, 6]
     assert {"step", "loss", "lr_mult", "dt", "tok_per_sec", "mfu", "total_time"} <= train[0].keys()
@@ -284,6 +267,10 @@ def test_ctrl_c_saves_and_resume_is_exact(full_run, monkeypatch):
     run's (which sampled between its steps; these runs do not)."""
     interrupt_then_resume(full_run, TOY, "split", monkeypatch)
     assert_same_training(full_run, "full", "split")
+    # the wall time adds up both sessions: more than the first one's, which ended at step 3
+    folder = os.path.join(full_run, "base_checkpoints", "split")
+    first = json.load(open(os.path.join(folder, "meta_000003.json")))["loop_state"]["wall_time"]
+    assert json.load(open(os.path.join(folder, "meta_000006.json")))["loop_state"]["wall_time"] > first > 0
 
 
 def test_resume_makes_the_choices_it_saved_in_bf16(base_dir, monkeypatch, another_machine, capsys):

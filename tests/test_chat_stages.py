@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from toy_task_data import WORDS, write_task_data
+from conftest import environment
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
@@ -48,14 +49,8 @@ def base_dir(tmp_path_factory):
     env = {"NANOCHAT_BASE_DIR": base, "NANOCHAT_TASKS_URL": f"file://{data}",
            "NANOCHAT_WORDS_URL": f"file://{data}/words_alpha.txt",
            "NANOCHAT_IDENTITY_URL": f"file://{data}/identity_conversations.jsonl"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield base
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environment(**env):
+        yield base
 
 
 def run_script(module, args):

@@ -281,7 +281,8 @@ def trained_base(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
     from nanochat.integrity import add_to_manifest
-    from test_base_train import TOY, make_documents, run_train
+    from conftest import make_documents
+    from test_base_train import TOY, run_train
     base = tmp_path_factory.mktemp("trained")
     rng = random.Random(0)
     data = base / "base_data"

@@ -116,7 +116,8 @@ TOY = ["--device_type=cpu", "--dtype=float32", "--compile=false", "--depth=1", "
 def base_dir_for_eight(tmp_path, monkeypatch):
     """Shards 0-1 for training, shard 2 for validation, each with 16 row groups (every rank needs one), a tokenizer."""
     from nanochat.tokenizer import RustBPETokenizer
-    from test_base_train import make_documents, VOCAB
+    from conftest import make_documents
+    from test_base_train import VOCAB
     base = tmp_path / "base"
     rng = random.Random(0)
     (base / "base_data").mkdir(parents=True)

@@ -57,7 +57,8 @@ import zipfile  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from test_base_train import TOY, make_documents  # noqa: E402
+from test_base_train import TOY  # noqa: E402
+from conftest import make_documents  # noqa: E402
 
 
 def write_slow_bundle(path, rng, num_tasks=8, rows=48):
