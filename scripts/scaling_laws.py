@@ -33,6 +33,7 @@ from nanochat.checkpoint_manager import list_steps, read_meta
 from nanochat.common import atomic_write, format_seconds, get_base_dir
 from nanochat.configurator import configure
 from nanochat.report import get_report, IMAGE_DIR, read_training_log
+from nanochat.training import saved_machine_choices
 from nanochat import scaling
 
 # -----------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def point_state(point):
         "core": core["core_metric"] if core else None, "core_tasks": core["core_tasks"] if core else None,
         "wall_time_s": round(meta["loop_state"]["wall_time"], 1),
         "tok_per_sec": round(batch * len(warm) / sum(r["dt"] for r in warm), 1) if warm else None,
-        "precision": meta["loop_state"]["precision"]["autocast"],  # (dtype=auto measures per machine)
+        "precision": saved_machine_choices(meta)["autocast"],  # (dtype=auto measures per machine)
         "tag": point["tag"], "settings": meta["user_config"],
     }
     row.update({"budget": point["budget"]} if "budget" in point else {"ratio": point["ratio"]})
