@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import hardware
+from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.common import atomic_write, print0
 
 
@@ -179,6 +180,25 @@ def reuse_newton_schulz_dtype(muon_optimizer, saved):
     """A resumed run orthogonalises in the dtype of the run it continues (Muon measures the device otherwise)."""
     if "newton_schulz" in saved:
         muon_optimizer.ns_dtype = getattr(torch, saved["newton_schulz"])
+
+
+def finetuning_optimizers(model, init_lr_frac, saved, resume=None, **rates):
+    """
+    The optimizers of a stage that starts from a trained model (mid, SFT, RL): the model's own AdamW and Muon at
+    init_lr_frac of the given rates (initial_lr too: the stage's schedule multiplies it), Muon orthogonalising
+    as the resumed run did. resume = (checkpoint_dir, step, device, rank) loads their saved state.
+    """
+    optimizers = model.setup_optimizers(**rates)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
+    reuse_newton_schulz_dtype(optimizers[1], saved)
+    if resume is not None:
+        checkpoint_dir, step, device, rank = resume
+        _, optimizer_data, _ = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        for opt, state in zip(optimizers, optimizer_data):
+            opt.load_state_dict(state)
+    return optimizers
 
 
 def reuse_thread_count(saved, device):

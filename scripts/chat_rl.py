@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from nanochat import hardware
 from nanochat.checkpoint_manager import (CHECKPOINT_FOLDERS, build_model, find_largest_model, list_steps,
-                                         load_checkpoint, load_model, save_checkpoint)
+                                         load_model, save_checkpoint)
 from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init, fail,
                              format_seconds, get_base_dir, print0)
 from nanochat.configurator import configure
@@ -36,7 +36,7 @@ from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import pass_at_k, policy_gradient_loss, rollouts, sample_outcomes
 from nanochat.training import (StepLog, StopRequest, warn_changed_settings, saved_machine_choices, machine_choices,
-                               use_bf16_autocast, reuse_newton_schulz_dtype, reuse_thread_count)
+                               use_bf16_autocast, finetuning_optimizers, reuse_thread_count)
 from tasks.gsm8k import GSM8K
 
 # -----------------------------------------------------------------------------
@@ -166,18 +166,11 @@ print0(f"Precision: training {'bf16 autocast' if use_bf16 else 'fp32'}, rollouts
        f"CPU threads: {torch.get_num_threads()} | peak FLOP/s for MFU: {peak_flops:.3e}")
 
 # Optimizers at init_lr_frac of the base rates, decaying linearly to 0 over the run
-optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                    matrix_lr=matrix_lr, weight_decay=weight_decay)
+optimizers = finetuning_optimizers(model, init_lr_frac, saved_choices,
+                                   resume=(checkpoint_dir, resume_from_step, device, ddp_rank) if resuming else None,
+                                   unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
+                                   weight_decay=weight_decay)
 adamw_optimizer, muon_optimizer = optimizers
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
-reuse_newton_schulz_dtype(muon_optimizer, saved_choices)
-if resuming:
-    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True, rank=ddp_rank)
-    for opt, state in zip(optimizers, optimizer_data):
-        opt.load_state_dict(state)
-    del optimizer_data
 
 def get_lr_multiplier(it):
     return 1.0 - it / num_iterations

@@ -25,14 +25,14 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_base_dir, autodetect_device_type, DummyWandb,
                              format_seconds)
 from nanochat.configurator import configure
-from nanochat.checkpoint_manager import (load_model, build_model, load_checkpoint, save_checkpoint, list_steps,
+from nanochat.checkpoint_manager import (load_model, build_model, save_checkpoint, list_steps,
                                          find_largest_model, CHECKPOINT_FOLDERS)
 from nanochat.chat_dataloader import sft_loader
 from nanochat.dataloader import gather_loader_state
 from nanochat.chat_eval import run_chat_eval
 from nanochat.engine import Engine
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
-                               saved_machine_choices, machine_choices, use_bf16_autocast, reuse_newton_schulz_dtype,
+                               saved_machine_choices, machine_choices, use_bf16_autocast, finetuning_optimizers,
                                reuse_thread_count)
 from nanochat.report import get_report
 from nanochat import hardware
@@ -168,18 +168,11 @@ accuracy_tasks = ({key: load_eval_task(name) for name, key in (("MMLU", "mmlu_ac
                   if eval_metrics_every > 0 else {})
 
 # Optimizers at init_lr_frac of the base rates, decaying linearly to 0 over the run
-optimizers = model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                    matrix_lr=matrix_lr, weight_decay=weight_decay)
+optimizers = finetuning_optimizers(model, init_lr_frac, saved_choices,
+                                   resume=(checkpoint_dir, resume_from_step, device, ddp_rank) if resuming else None,
+                                   unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
+                                   weight_decay=weight_decay)
 adamw_optimizer, muon_optimizer = optimizers
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
-reuse_newton_schulz_dtype(muon_optimizer, saved_choices)
-if resuming:
-    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True, rank=ddp_rank)
-    for opt, state in zip(optimizers, optimizer_data):
-        opt.load_state_dict(state)
-    del optimizer_data
 
 def get_lr_multiplier(it):
     return 1.0 - it / num_iterations

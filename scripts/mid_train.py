@@ -26,7 +26,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_base_dir, autodetect_device_type, DummyWandb,
                              format_seconds)
 from nanochat.configurator import configure
-from nanochat.checkpoint_manager import (load_model, build_model, load_checkpoint, save_checkpoint, list_steps,
+from nanochat.checkpoint_manager import (load_model, build_model, save_checkpoint, list_steps,
                                          find_largest_model, CHECKPOINT_FOLDERS)
 from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_dataloader import packed_conversation_loader
@@ -34,7 +34,7 @@ from nanochat.dataloader import gather_loader_state
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
                                muon_momentum, saved_machine_choices, machine_choices, use_bf16_autocast,
-                               use_torch_compile, reuse_newton_schulz_dtype, reuse_thread_count)
+                               use_torch_compile, finetuning_optimizers, reuse_thread_count)
 from nanochat.report import get_report
 from nanochat import hardware
 from tasks.common import TaskMixture
@@ -185,18 +185,11 @@ orig_model = model  # uncompiled: saved
 model = torch.compile(model, dynamic=False) if use_compile else model
 
 # Optimizers: AdamW for the embedding and lm_head, Muon for the matrices, at init_lr_frac of their rates
-optimizers = orig_model.setup_optimizers(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                         matrix_lr=matrix_lr, weight_decay=weight_decay)
+optimizers = finetuning_optimizers(orig_model, init_lr_frac, saved_choices,
+                                   resume=(checkpoint_dir, resume_from_step, device, ddp_rank) if resuming else None,
+                                   unembedding_lr=unembedding_lr, embedding_lr=embedding_lr, matrix_lr=matrix_lr,
+                                   weight_decay=weight_decay)
 adamw_optimizer, muon_optimizer = optimizers
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
-reuse_newton_schulz_dtype(muon_optimizer, saved_choices)
-if resuming:
-    _, optimizer_data, _ = load_checkpoint(checkpoint_dir, resume_from_step, device, load_optimizer=True, rank=ddp_rank)
-    for opt, state in zip(optimizers, optimizer_data):
-        opt.load_state_dict(state)
-    del optimizer_data
 
 # Data loaders: training resumes at its exact position; validation restarts at the beginning every time
 train_loader = packed_conversation_loader(train_dataset, tokenizer, device_batch_size, max_seq_len, device,
