@@ -70,9 +70,8 @@ class PreparedLinear(nn.Module):
                              persistent=False)
 
     def forward(self, x):
-        if self.pack:  # oneDNN's matmul of a 2D input: with the (B, 1, C) of a decode step it costs more per call
-            y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).flatten(0, -2), self.weight, None, "none", [None], "")
-            return y.view(*x.shape[:-1], -1)
+        if self.pack:  # (B, 1, C) as it is: flattening to 2D first made the whole decode step slower
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, None, "none", [None], "")
         return F.linear(x.to(self.dtype), self.weight)
 
 

@@ -34,7 +34,7 @@ cpu|cpu_miniseries)
     # Measured on the local corpus (val bpb of depths 1/2/3): at 3e12 FLOPs depth 1 is best (2.38/2.46/2.72),
     # the optimum lies below the smallest model; at 1e13 and 3e13 depth 2 is (2.31/2.29/2.35, 2.26/2.12/2.17).
     # Depth 4 gives each budget a fourth point, so that a fit with any one depth left out exists (the spread).
-    # 1.6e14 FLOPs in all, about an hour on 2 busy cores (depth 1 runs at the lowest FLOP/s).
+    # 1.6e14 FLOPs in all, about 40 minutes on 2 cores (depth 1 runs at the lowest FLOP/s).
     export NANOCHAT_BASE_DIR=${NANOCHAT_SCALING_CPU_BASE_DIR:-${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/scaling_cpu}
     export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # waiting threads sleep: much faster on a busy machine
     SHARDS=10  # the whole of a small corpus (NANOCHAT_DATA_MAX_SHARD=10), or 10 FineWeb-Edu shards

@@ -46,7 +46,8 @@ from tasks.gsm8k import GSM8K
 run = "dummy"  # wandb run name ("dummy" = no wandb logging)
 device_type = ""  # cuda|cpu|mps ("" = autodetect: CUDA > MPS > CPU)
 dtype = "auto"  # auto|bfloat16|float32: training under bf16 autocast, and the rollouts' decode dtype (auto = measured)
-decode_mode = ""  # eager|compile|cuda_graph for the rollouts ("" = cuda_graph on CUDA, eager elsewhere)
+decode_mode = ""  # eager|compile|cuda_graph for the rollouts ("" = cuda_graph on CUDA, eager elsewhere; compile
+# freezes the weights into the code on CPU, so there it compiles again after every step: slower than eager)
 # Model: the checkpoint RL starts from, and where its own go
 source = "sft"  # -i: sft|mid, the phase whose checkpoint is improved
 model_tag = ""  # <source folder>/<tag> to start from and chatrl_checkpoints/<tag> to write ("" = the largest)
@@ -90,6 +91,9 @@ except ValueError as e:
 device_type = device_type or autodetect_device_type()
 ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
 master_process = ddp_rank == 0
+if decode_mode == "compile" and device.type == "cpu":
+    print0("Warning: --decode_mode=compile on CPU compiles the decode step again after every optimizer step (the "
+           "weights are frozen into it): slower than eager decoding, the default (dev/bench_rl.py compares them)")
 synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
 # Batch: problems split over ranks, samples split into passes
