@@ -394,8 +394,9 @@ def test_bf16_decode_follows_the_model(model_and_tokenizer):
     chosen = logits.gather(1, torch.tensor(tokens).view(-1, 1))[:, 0]
     assert torch.all(chosen >= logits.max(dim=1).values - 0.25)
     if can_pack_weights("cpu", torch.bfloat16):  # the prepacked matmul is the plain bf16 one, bit for bit
-        x, w = torch.randn(3, 64).bfloat16(), torch.randn(96, 64)
-        assert torch.equal(PreparedLinear(w, torch.bfloat16, pack=True)(x), torch.nn.functional.linear(x, w.bfloat16()))
+        w = torch.randn(96, 64)
+        for x in (torch.randn(3, 64).bfloat16(), torch.randn(3, 1, 64).bfloat16()):  # as given, and a decode step's
+            assert torch.equal(PreparedLinear(w, torch.bfloat16, pack=True)(x), torch.nn.functional.linear(x, w.bfloat16()))
 
 
 def test_cpu_decode_picks_its_threads_and_gives_them_back(model_and_tokenizer):
