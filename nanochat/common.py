@@ -67,9 +67,8 @@ def compute_init(device_type="cuda", seed=42):
     # Global seed: only module init uses the global RNG; data and sampling use explicit generators.
     torch.manual_seed(seed)  # seeds every device
     # Set the thread count explicitly, even to its default: a process's first set_num_threads also turns MKL's
-    # dynamic threading off for good (a thread count per matmul, chosen by size), which on MKL's Intel code paths
-    # changes the last bits of fp32 matmuls. Done later by the Engine (when training samples), it made every
-    # following step differ from a fresh process's: resume was not exact on an Intel Xeon.
+    # dynamic threading off for good, which on MKL's Intel code paths changes the last bits of fp32 matmuls.
+    # Doing it at start-up keeps a resumed run's numbers the same as an uninterrupted one's.
     torch.set_num_threads(torch.get_num_threads())
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # tf32 matmuls

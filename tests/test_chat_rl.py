@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.rl import pass_at_k, policy_gradient_loss, rollout_seed, rollouts, training_rows
+from conftest import environment
 from test_chat_stages import read_log, run_script
 from test_engine import CharTokenizer
 from toy_task_data import WORDS
@@ -197,15 +198,8 @@ def rl_base(tmp_path_factory):
     for tag in ("d1", "resumed", "ranks"):
         save_checkpoint(os.path.join(base, "chatsft_checkpoints", tag), 3, model.state_dict(), None,
                         {"step": 3, "model_config": config})
-    env = {"NANOCHAT_BASE_DIR": base, "NANOCHAT_TASKS_URL": f"file://{data}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield base
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environment(NANOCHAT_BASE_DIR=base, NANOCHAT_TASKS_URL=f"file://{data}"):
+        yield base
 
 
 def rl_folder(base, tag):

@@ -1,7 +1,7 @@
 """
 Tiny stand-ins for every task set the chat stages read, generated from a seed, in the layout that
 NANOCHAT_TASKS_URL serves (<org>/<name>/<config>/<split>/0000.parquet, the hub's columns), plus a word list
-and identity conversations. For tests and GPU checks that must not touch the network or ../shared.
+and identity conversations. For tests and GPU checks that must not touch the network or the shared demo data.
 
     python tests/toy_task_data.py OUT_DIR [--long]   # then NANOCHAT_TASKS_URL=file://OUT_DIR etc.
 
