@@ -285,7 +285,7 @@ def test_static_decode_form_matches_slices(model_and_tokenizer):
     # the form that "compile" and "cuda_graph" run (position tensor, whole capacity, masked), here uncompiled
     model, tokenizer = model_and_tokenizer
     prompt = torch.tensor([tokenizer.encode("hello there")] * 3)
-    decoder = prepare_for_decoding(model, torch.float32, pack=False)
+    decoder = prepare_for_decoding(model, torch.float32, eager=False)
     caches = [KVCache(3, model.config.n_kv_head, 64, 16, model.config.n_layer, dtype=torch.float32) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
@@ -300,12 +300,15 @@ def test_static_decode_form_matches_slices(model_and_tokenizer):
     assert caches[1].pos.item() == caches[0].pos == prompt.size(1) + 10
 
 
-def test_prepared_copy_runs_the_models_forward_with_the_same_logits(model_and_tokenizer):
-    # the decode step is the model's own forward on a copy with q/k/v stacked: in fp32 the same numbers
+@pytest.mark.parametrize("eager", [False, True], ids=["for-compiling", "eager"])
+def test_prepared_copy_runs_the_models_forward_with_the_same_logits(model_and_tokenizer, eager):
+    # the decode step is the model's own forward on a copy with q/k/v stacked: in fp32 the same numbers, also
+    # when the eager copy's modules are called without nn.Module's dispatch
     model, tokenizer = model_and_tokenizer
-    decoder = prepare_for_decoding(model, torch.float32, pack=False)
-    assert type(decoder) is type(model) and decoder.transformer.wte.weight is model.transformer.wte.weight
-    assert model.transformer.h[0].attn.c_qkv is None  # the model itself is untouched
+    decoder = prepare_for_decoding(model, torch.float32, eager=eager)
+    assert isinstance(decoder, GPT) and decoder.transformer.wte.weight is model.transformer.wte.weight
+    assert (type(decoder) is GPT) != eager
+    assert type(model) is GPT and model.transformer.h[0].attn.c_qkv is None  # the model itself is untouched
     idx = torch.tensor([tokenizer.encode("hello there you")])
     caches = [KVCache(1, model.config.n_kv_head, 64, 16, model.config.n_layer, dtype=torch.float32) for _ in range(2)]
     with torch.no_grad():
@@ -345,7 +348,7 @@ def test_compiled_cpu_decode_compiles_once_for_every_position(model_and_tokenize
     monkeypatch.setattr(hardware, "cpu_cache_bytes", lambda: cache_bytes)
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, decode_mode="compile")
-    templates = "max_autotune" in cpu_compile_settings(engine.decoder.prepare(model, torch.float32, pack=False))
+    templates = "max_autotune" in cpu_compile_settings(engine.decoder.prepare(model, torch.float32, eager=False))
     assert templates == (cache_bytes > 0)
     prompts = [tokenizer.encode(text) for text in ("ab", "a longer prompt than that", "abc")]
     _columns(engine, prompts[0], max_tokens=4, temperature=0.0)  # compiles
