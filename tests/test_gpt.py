@@ -211,6 +211,18 @@ def test_attention_goes_to_sdpa_for_fp32_and_large_problems(monkeypatch):
     assert sdpa_calls == [1]
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_one_query_attention_written_out_equals_sdpa(n_kv_head):
+    # the compiled CPU decode step's attention: query heads grouped per shared key/value head as SDPA's GQA does
+    from nanochat import gpt
+    g = torch.Generator().manual_seed(2)
+    B, H, T, D = 3, 4, 37, 16
+    q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)  # (B, H, 1, D) strided as in the model
+    k, v = (torch.randn(B, n_kv_head, T, D, generator=g) for _ in range(2))
+    expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv_head != H)
+    torch.testing.assert_close(gpt.attend_one_query(q, k, v), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_last_only_logits_are_the_last_position_of_the_full_forward():
     model = build(TINY)
     idx = torch.randint(0, TINY.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
