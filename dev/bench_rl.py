@@ -43,6 +43,8 @@ steps = 3  # timed steps per contender, in turn (after one untimed step each)
 # Ours
 dtype = "auto"  # auto|float32|bfloat16: training precision and rollout dtype, as chat_rl's --dtype
 decode_mode = ""  # as chat_rl's --decode_mode ("" = the device's default)
+compile = "true"  # torch.compile our training passes, as chat_rl does for a long run (false: eager, as for a short
+# one); every padded row length the timed steps can meet is compiled before timing
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
 configure(globals(), __file__)
 
@@ -59,28 +61,44 @@ if ref_dir:
 # ours as chat_rl sets itself up
 use_bf16 = dtype == "bfloat16" or (dtype == "auto" and hardware.choose_autocast_dtype(device) == torch.bfloat16)
 rollout_dtype = choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
-engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode or None)
+engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode or None, timed_threads=False)
 optimizers = model.setup_optimizers()
 passes = num_samples // device_batch_size
+use_compile = compile == "true"
+train_model = torch.compile(model, dynamic=False) if use_compile else model
+row_multiple = 64 if use_compile else 1  # as chat_rl's ROW_MULTIPLE
+if use_compile:
+    torch._dynamo.config.recompile_limit = 64
+
+
+def compile_row_lengths():
+    """One training pass per padded row length the timed problems can reach (up to their longest prompt plus
+    max_new_tokens), so that compiling is not timed; the gradients are thrown away."""
+    longest = max(len(tokenizer.render_for_completion(task[i])) for i in range(examples)) + max_new_tokens
+    for length in range(row_multiple, longest + row_multiple, row_multiple):
+        rows = torch.zeros(device_batch_size, length, dtype=torch.long, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            policy_gradient_loss(train_model, rows, rows, torch.ones(device_batch_size, device=device), 1.0).backward()
+    model.zero_grad(set_to_none=True)
 
 
 def our_step(step):
     t0 = time.perf_counter()
-    batches = [rollouts(engine, tokenizer, task, i, step, num_samples, device_batch_size, max_new_tokens)
-               for i in range(examples)]
+    batches = [rollouts(engine, tokenizer, task, i, step, num_samples, device_batch_size, max_new_tokens,
+                        pad_multiple=row_multiple) for i in range(examples)]
     t1 = time.perf_counter()
     for batch in batches:
         for b0 in range(0, num_samples, device_batch_size):
             inputs, targets = batch.inputs[b0:b0 + device_batch_size], batch.targets[b0:b0 + device_batch_size]
             normalizer = (targets >= 0).sum().clamp(min=1) * passes * examples
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                policy_gradient_loss(model, inputs, targets, batch.advantages[b0:b0 + device_batch_size],
+                policy_gradient_loss(train_model, inputs, targets, batch.advantages[b0:b0 + device_batch_size],
                                      normalizer).backward()
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
-    rows = sum(b.inputs.numel() for b in batches)
+    rows = sum(b.row_tokens for b in batches)  # without the padding to row_multiple, as the reference pads
     return t1 - t0, t2 - t1, sum(b.completion_tokens for b in batches), rows, [b.sequences for b in batches]
 
 
@@ -121,7 +139,12 @@ print(f"CPU: {hardware.cpu_description()}, {torch.get_num_threads()} threads" if
 print(f"Model: {source} step {meta['step']}, {model.config.n_layer} layers, width {model.config.n_embd}; "
       f"{examples} problems x {num_samples} samples, up to {max_new_tokens} new tokens, batches of {device_batch_size}")
 print(f"Ours: rollouts in {str(rollout_dtype)[6:]} ({decode_mode or 'default'} decoding), training "
-      f"{'bf16 autocast' if use_bf16 else 'fp32'}" + ("; reference: fp32" if ref_dir else ""))
+      f"{'bf16 autocast' if use_bf16 else 'fp32'}{', compiled' if use_compile else ''}"
+      + ("; reference: fp32" if ref_dir else ""))
+if use_compile:
+    t0 = time.perf_counter()
+    compile_row_lengths()
+    print(f"Compiling our training pass for each row length: {time.perf_counter() - t0:.0f} s")
 contenders = {"reference": reference_step, "ours": our_step} if ref_dir else {"ours": our_step}
 results = {name: [] for name in contenders}
 for step in range(steps + 1):  # step 0 warms up (compiles, if ours does)

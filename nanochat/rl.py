@@ -37,11 +37,17 @@ class Rollouts:
     def completion_tokens(self):
         return sum(len(sequence) - self.prompt_len for sequence in self.sequences)
 
+    @property
+    def row_tokens(self):
+        """Tokens of the training rows padded to the longest sample only, as the reference pads them."""
+        return len(self.sequences) * (max(len(sequence) for sequence in self.sequences) - 1)
+
 
 @torch.no_grad()
 def rollouts(engine, tokenizer, task, example_index, step, num_samples, batch_size, max_new_tokens,
-             temperature=1.0, top_k=50):
-    """Sample num_samples completions of task[example_index] in batches of batch_size and score them."""
+             temperature=1.0, top_k=50, pad_multiple=1):
+    """Sample num_samples completions of task[example_index] in batches of batch_size and score them; the
+    training rows are padded to a multiple of pad_multiple tokens (see training_rows)."""
     if num_samples % batch_size != 0:
         raise ValueError(f"num_samples ({num_samples}) must be a multiple of the sampling batch size ({batch_size})")
     conversation = task[example_index]
@@ -57,13 +63,17 @@ def rollouts(engine, tokenizer, task, example_index, step, num_samples, batch_si
     device = engine.model.get_device()
     rewards = torch.tensor(rewards, dtype=torch.float32, device=device)
     inputs, targets = training_rows(sequences, masks, pad_id=tokenizer.encode_special("<|assistant_end|>"),
-                                    device=device)
+                                    device=device, multiple=pad_multiple)
     return Rollouts(sequences, len(prompt), rewards, rewards - rewards.mean(), inputs, targets)
 
 
-def training_rows(sequences, masks, pad_id, device):
-    """(inputs, targets) of padded sequences: targets are the next ids, -1 where the next token's mask is 0."""
-    width = max(len(sequence) for sequence in sequences)
+def training_rows(sequences, masks, pad_id, device, multiple=1):
+    """
+    (inputs, targets) of the sequences padded to one length: targets are the next ids, -1 where the next token's
+    mask is 0 and in the padding. The length is rounded up to a multiple of `multiple`, so that a compiled model
+    meets a few shapes only; padding at the end changes no trained token's log-probability (attention is causal).
+    """
+    width = -(-(max(len(sequence) for sequence in sequences) - 1) // multiple) * multiple + 1
     ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
     trained = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.bool, device=device)
     targets = torch.where(trained[:, 1:], ids[:, 1:], -1)

@@ -161,18 +161,18 @@ def use_bf16_autocast(dtype, saved, device):
     return dtype == "bfloat16"
 
 
-def use_torch_compile(compile, saved, device, eager_seconds_estimate):
+def use_torch_compile(compile, saved, device, eager_seconds_estimate, shapes=1):
     """
     torch.compile the training model? compile is the script's setting (auto|true|false); with auto a resumed run
-    keeps its choice, a new one compiles on CUDA, and on CPU when eager training would take over 30 s
-    (eager_seconds_estimate, from the measured matmul peak): compiling costs 5-20 s there and saves ~40% of
-    each step (measured at depth 4, seq 512).
+    keeps its choice, a new one compiles on CUDA, and on CPU when eager training would take over 30 s per input
+    shape it compiles for (eager_seconds_estimate, from the measured matmul peak): compiling costs 5-20 s there
+    and saves ~40% of each step (measured at depth 4, seq 512).
     """
     if compile == "auto" and "compile" in saved:
         return saved["compile"]
     if compile == "auto":
         device_type = torch.device(device).type
-        return device_type == "cuda" or (device_type == "cpu" and eager_seconds_estimate > 30)
+        return device_type == "cuda" or (device_type == "cpu" and eager_seconds_estimate > 30 * shapes)
     return compile == "true"
 
 

@@ -36,7 +36,7 @@ from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import pass_at_k, policy_gradient_loss, rollouts, sample_outcomes
 from nanochat.training import (StepLog, StopRequest, warn_changed_settings, saved_machine_choices, machine_choices,
-                               use_bf16_autocast, finetuning_optimizers, reuse_thread_count)
+                               use_bf16_autocast, use_torch_compile, finetuning_optimizers, reuse_thread_count)
 from tasks.gsm8k import GSM8K
 
 # -----------------------------------------------------------------------------
@@ -48,6 +48,8 @@ device_type = ""  # cuda|cpu|mps ("" = autodetect: CUDA > MPS > CPU)
 dtype = "auto"  # auto|bfloat16|float32: training under bf16 autocast, and the rollouts' decode dtype (auto = measured)
 decode_mode = ""  # eager|compile|cuda_graph for the rollouts ("" = cuda_graph on CUDA, eager elsewhere; compile
 # freezes the weights into the code on CPU, so there it compiles again after every step: slower than eager)
+compile = "auto"  # torch.compile the training passes: auto|true|false (auto = on CUDA; on CPU when the run is long
+# enough: each padded row length, a multiple of 64 tokens, compiles once)
 # Model: the checkpoint RL starts from, and where its own go
 source = "sft"  # -i: sft|mid, the phase whose checkpoint is improved
 model_tag = ""  # <source folder>/<tag> to start from and chatrl_checkpoints/<tag> to write ("" = the largest)
@@ -78,8 +80,9 @@ argv = [f"--{SHORT_FLAGS[a]}" if a in SHORT_FLAGS else a for a in sys.argv[1:]]
 user_config = configure(globals(), __file__, argv=argv)  # apply overrides; the final settings, logged with the run
 # -----------------------------------------------------------------------------
 
-if dtype not in ("auto", "bfloat16", "float32"):
-    fail(f"--dtype must be one of auto|bfloat16|float32, got {dtype!r}", every_rank_agrees=True)
+for name, allowed in (("dtype", ("auto", "bfloat16", "float32")), ("compile", ("auto", "true", "false"))):
+    if globals()[name] not in allowed:
+        fail(f"--{name} must be one of {'|'.join(allowed)}, got {globals()[name]!r}", every_rank_agrees=True)
 if source not in ("sft", "mid"):
     fail(f"--source (-i) must be sft or mid, got {source!r}", every_rank_agrees=True)
 try:
@@ -166,8 +169,19 @@ else:
 # rollouts on torch's thread count, not the faster of two timed ones: a timing must not change what is sampled
 engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode or None, timed_threads=False)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
+# Compiled, the training rows are padded to a multiple of 64 tokens: one compile per length (up to
+# ceil((prompt + max_new_tokens) / 64) of them), each paid back once eager training would take 30 s longer.
+ROW_MULTIPLE = 64
+eager_training_seconds = (num_flops_per_token * num_iterations * examples_per_step * num_samples * max_new_tokens
+                          / (0.2 * peak_flops))
+use_compile = use_torch_compile(compile, saved_choices, device, eager_training_seconds,
+                                shapes=-(-(max_new_tokens + 256) // ROW_MULTIPLE))
+train_model = torch.compile(model, dynamic=False) if use_compile else model
+if use_compile:
+    torch._dynamo.config.recompile_limit = 64  # one graph per padded length (past 64 x 64 tokens: eager)
+row_multiple = ROW_MULTIPLE if use_compile else 1
 print0(f"Precision: training {'bf16 autocast' if use_bf16 else 'fp32'}, rollouts {str(rollout_dtype)[6:]} | "
-       f"CPU threads: {torch.get_num_threads()} | peak FLOP/s for MFU: {peak_flops:.3e}")
+       f"torch.compile: {use_compile} | CPU threads: {torch.get_num_threads()} | peak FLOP/s for MFU: {peak_flops:.3e}")
 
 # Optimizers at init_lr_frac of the base rates, decaying linearly to 0 over the run
 optimizers = finetuning_optimizers(model, init_lr_frac, saved_choices,
@@ -201,7 +215,7 @@ def save_current_step(with_optimizer=True):
         "loop_state": {
             "reward": reward, "total_time": total_time, "rollout_time": rollout_time, "training_time": training_time,
             "generated_tokens": generated_tokens, "trained_tokens": trained_tokens,
-            "machine_choices": {**machine_choices(use_bf16, muon_optimizer),
+            "machine_choices": {**machine_choices(use_bf16, muon_optimizer, use_compile),
                                 "rollouts": str(rollout_dtype).removeprefix("torch.")},
         },
     }
@@ -263,22 +277,23 @@ while True:
     synchronize()
     t0 = time.time()
     batches = [rollouts(engine, tokenizer, train_task, problem_at(step, i), step, num_samples, device_batch_size,
-                        max_new_tokens, temperature=temperature, top_k=top_k) for i in range(examples_per_rank)]
+                        max_new_tokens, temperature=temperature, top_k=top_k, pad_multiple=row_multiple)
+               for i in range(examples_per_rank)]
     synchronize()
     t1 = time.time()
     loss_sum = torch.zeros((), device=device)
     rows_tokens = 0
     for batch in batches:
+        rows_tokens += batch.row_tokens  # without the padding to row_multiple
         for b0 in range(0, num_samples, device_batch_size):
             inputs, targets = batch.inputs[b0:b0 + device_batch_size], batch.targets[b0:b0 + device_batch_size]
             # normalised by this pass's valid tokens, the passes and the problems, as the reference does
             normalizer = (targets >= 0).sum().clamp(min=1) * passes_per_example * examples_per_rank
             with autocast_ctx:
-                loss = policy_gradient_loss(model, inputs, targets, batch.advantages[b0:b0 + device_batch_size],
+                loss = policy_gradient_loss(train_model, inputs, targets, batch.advantages[b0:b0 + device_batch_size],
                                             normalizer)
             loss.backward()
             loss_sum += loss.detach()
-            rows_tokens += inputs.numel()
     # rank sums: reward, completion tokens, samples, loss, non-finite flags, stop requests, trained tokens
     sums = sum_over_ranks([sum(b.rewards.sum().item() for b in batches), sum(b.completion_tokens for b in batches),
                            examples_per_rank * num_samples, loss_sum.item(), float(not torch.isfinite(loss_sum)),

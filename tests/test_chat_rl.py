@@ -7,6 +7,7 @@ and the script at toy size: checkpoints loadable with -i rl, exact resume after 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +85,33 @@ def test_untrained_tokens_carry_no_gradient():
     model.zero_grad()
     policy_gradient_loss(model, inputs, torch.full_like(targets, -1), advantages, 3.0).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # nothing trained: no gradient
+
+
+def test_rows_padded_for_a_compiled_model_give_the_same_loss_and_gradients():
+    # chat_rl --compile=true pads the rows to a multiple of 64 tokens (one compile per length): padding trains nothing
+    sequences = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 7]]
+    masks = [[0, 0, 0, 1, 0, 1], [0, 0, 0, 1]]
+    inputs, targets = training_rows(sequences, masks, pad_id=9, device="cpu")
+    padded_inputs, padded_targets = training_rows(sequences, masks, pad_id=9, device="cpu", multiple=8)
+    assert padded_inputs.shape == (2, 8) and torch.equal(padded_inputs[:, :5], inputs)
+    assert torch.equal(padded_targets[:, :5], targets) and (padded_targets[:, 5:] == -1).all()
+    model = tiny_gpt(10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    advantages = torch.tensor([1.0, -0.5])
+
+    def loss_and_grads(run_model, rows, row_targets):
+        model.zero_grad(set_to_none=True)
+        loss = policy_gradient_loss(run_model, rows, row_targets, advantages, 3.0)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    expected = loss_and_grads(model, inputs, targets)
+    for got in (loss_and_grads(model, padded_inputs, padded_targets),
+                loss_and_grads(torch.compile(model, dynamic=False), padded_inputs, padded_targets)):
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_pass_at_k_counts_problems_solved_within_k_samples():
@@ -195,7 +223,7 @@ def rl_base(tmp_path_factory):
     for (digit,) in digits:
         _set_next_token(model, space, digit)
         _set_next_token(model, digit, special("<|assistant_end|>"))
-    for tag in ("d1", "resumed", "ranks"):
+    for tag in ("d1", "resumed", "ranks", "compiled"):
         save_checkpoint(os.path.join(base, "chatsft_checkpoints", tag), 3, model.state_dict(), None,
                         {"step": 3, "model_config": config})
     with environment(NANOCHAT_BASE_DIR=base, NANOCHAT_TASKS_URL=f"file://{data}"):
@@ -228,6 +256,23 @@ def test_chat_rl_trains_saves_logs_and_loads_as_rl(rl_base, capsys):
     assert run_script("scripts.chat_eval", ["-i", "rl", "-g", "d1", "-a", "GSM8K", "-x", "2", "-m", "8",
                                             "--device_type=cpu"]) == 0
     assert "GSM8K accuracy" in capsys.readouterr().out
+
+
+def test_chat_rl_compiled_samples_the_same_first_rollouts_and_trains_alike(rl_base, capsys):
+    # --compile=true: the training passes compiled on padded rows; the rollouts (uncompiled, same weights) of step 0
+    # are the eager run's, and so is its loss up to float rounding
+    assert run_script("scripts.chat_rl", [*RL, "-g", "compiled", "--num_iterations=2", "--eval_every=-1",
+                                          "--save_every=-1", "--compile=false"]) == 0
+    eager = [r for r in read_log(rl_folder(rl_base, "compiled")) if "reward" in r]
+    shutil.rmtree(rl_folder(rl_base, "compiled"))
+    assert run_script("scripts.chat_rl", [*RL, "-g", "compiled", "--num_iterations=2", "--eval_every=-1",
+                                          "--save_every=-1", "--compile=true"]) == 0
+    assert "torch.compile: True" in capsys.readouterr().out
+    compiled = [r for r in read_log(rl_folder(rl_base, "compiled")) if "reward" in r]
+    assert len(eager) == len(compiled) == 2
+    assert compiled[0]["reward"] == eager[0]["reward"]
+    assert compiled[0]["completion_tokens"] == eager[0]["completion_tokens"]
+    assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-4, abs=1e-6)
 
 
 def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monkeypatch, another_machine):
