@@ -78,8 +78,8 @@ def causal_attention(q, k, v, enable_gqa):
 def attend_one_query(q, keys, values):
     """
     Attention of one query position q (B, H, 1, D) over keys and values (B, H_kv, T, D), SDPA's result written
-    out: compiled on CPU it fuses into the decode step's code, where SDPA's kernel, called per layer, took 30% of a
-    batch-8 step (dev/bench_engine.py --modes=compile); uncompiled SDPA is the faster.
+    out: compiled on CPU it fuses into the decode step's code, where SDPA's kernel, called per layer, was the largest
+    share of a batch-8 step (dev/bench_engine.py --modes=compile); uncompiled, SDPA is the faster.
     """
     B, H, _, D = q.shape
     grouped = q.reshape(B, keys.size(1), H // keys.size(1), D)  # the query heads sharing each key/value head
