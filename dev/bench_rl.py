@@ -27,7 +27,8 @@ from nanochat.common import autodetect_device_type, compute_init
 from nanochat.configurator import configure
 from nanochat.decode import choose_decode_dtype
 from nanochat.engine import Engine
-from nanochat.rl import policy_gradient_loss, rollout_seed, rollouts, training_rows
+from nanochat.rl import (COMPILED_ROW_MULTIPLE, compiled_policy, policy_gradient_loss, rollout_seed, rollouts,
+                         training_rows)
 from tasks.gsm8k import GSM8K
 
 # Model and problems
@@ -65,10 +66,8 @@ engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode o
 optimizers = model.setup_optimizers()
 passes = num_samples // device_batch_size
 use_compile = compile == "true"
-train_model = torch.compile(model, dynamic=False) if use_compile else model
-row_multiple = 64 if use_compile else 1  # as chat_rl's ROW_MULTIPLE
-if use_compile:
-    torch._dynamo.config.recompile_limit = 64
+train_model = compiled_policy(model) if use_compile else model
+row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
 
 
 def compile_row_lengths():

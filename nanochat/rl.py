@@ -9,6 +9,7 @@ come from the current weights.
 - rollouts(): the samples of one problem, their rewards, advantages, and the training batch (prompt tokens and
   the tokens the Engine forced, such as calculator output, are not trained on: the Engine's mask 0);
 - policy_gradient_loss(): the loss of one batch of rows;
+- compiled_policy(): the model compiled for those passes, its rows padded to COMPILED_ROW_MULTIPLE tokens;
 - sample_outcomes() and pass_at_k(): how many problems one of the first k samples solves, for k = 1..K.
 """
 
@@ -65,6 +66,16 @@ def rollouts(engine, tokenizer, task, example_index, step, num_samples, batch_si
     inputs, targets = training_rows(sequences, masks, pad_id=tokenizer.encode_special("<|assistant_end|>"),
                                     device=device, multiple=pad_multiple)
     return Rollouts(sequences, len(prompt), rewards, rewards - rewards.mean(), inputs, targets)
+
+
+COMPILED_ROW_MULTIPLE = 64  # a compiled policy's rows are padded to a multiple of this: one compile per length
+
+
+def compiled_policy(model):
+    """torch.compile(model) for the training passes: fixed shapes, one graph per padded row length (up to 64
+    lengths, rows of up to 64 x COMPILED_ROW_MULTIPLE tokens; dynamo runs longer ones eagerly)."""
+    torch._dynamo.config.recompile_limit = 64
+    return torch.compile(model, dynamic=False)
 
 
 def training_rows(sequences, masks, pad_id, device, multiple=1):

@@ -34,7 +34,8 @@ from nanochat.configurator import configure
 from nanochat.decode import check_mode as check_decode_mode, choose_decode_dtype
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.rl import pass_at_k, policy_gradient_loss, rollouts, sample_outcomes
+from nanochat.rl import (COMPILED_ROW_MULTIPLE, compiled_policy, pass_at_k, policy_gradient_loss, rollouts,
+                         sample_outcomes)
 from nanochat.training import (StepLog, StopRequest, warn_changed_settings, saved_machine_choices, machine_choices,
                                use_bf16_autocast, use_torch_compile, finetuning_optimizers, reuse_thread_count)
 from tasks.gsm8k import GSM8K
@@ -170,16 +171,14 @@ else:
 engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode or None, timed_threads=False)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
 # Compiled, the training rows are padded to a multiple of 64 tokens: one compile per length (up to
-# ceil((prompt + max_new_tokens) / 64) of them), each paid back once eager training would take 30 s longer.
-ROW_MULTIPLE = 64
+# ceil((prompt + max_new_tokens) / 64) of them, GSM8K prompts taken as up to 256 tokens), each paid back once eager
+# training would take 30 s longer.
 eager_training_seconds = (num_flops_per_token * num_iterations * examples_per_step * num_samples * max_new_tokens
                           / (0.2 * peak_flops))
 use_compile = use_torch_compile(compile, saved_choices, device, eager_training_seconds,
-                                shapes=-(-(max_new_tokens + 256) // ROW_MULTIPLE))
-train_model = torch.compile(model, dynamic=False) if use_compile else model
-if use_compile:
-    torch._dynamo.config.recompile_limit = 64  # one graph per padded length (past 64 x 64 tokens: eager)
-row_multiple = ROW_MULTIPLE if use_compile else 1
+                                shapes=-(-(max_new_tokens + 256) // COMPILED_ROW_MULTIPLE))
+train_model = compiled_policy(model) if use_compile else model
+row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
 print0(f"Precision: training {'bf16 autocast' if use_bf16 else 'fp32'}, rollouts {str(rollout_dtype)[6:]} | "
        f"torch.compile: {use_compile} | CPU threads: {torch.get_num_threads()} | peak FLOP/s for MFU: {peak_flops:.3e}")
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_gpt
-from nanochat.rl import pass_at_k, policy_gradient_loss, rollout_seed, rollouts, training_rows
+from nanochat.rl import compiled_policy, pass_at_k, policy_gradient_loss, rollout_seed, rollouts, training_rows
 from conftest import environment
 from test_chat_stages import read_log, run_script
 from test_engine import CharTokenizer
@@ -109,7 +109,7 @@ def test_rows_padded_for_a_compiled_model_give_the_same_loss_and_gradients():
 
     expected = loss_and_grads(model, inputs, targets)
     for got in (loss_and_grads(model, padded_inputs, padded_targets),
-                loss_and_grads(torch.compile(model, dynamic=False), padded_inputs, padded_targets)):
+                loss_and_grads(compiled_policy(model), padded_inputs, padded_targets)):
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
