@@ -79,11 +79,12 @@ def attend_one_query(q, keys, values):
     """
     Attention of one query position q (B, H, 1, D) over keys and values (B, H_kv, T, D), SDPA's result written
     out: compiled on CPU it fuses into the decode step's code, where SDPA's kernel, called per layer, was the largest
-    share of a batch-8 step (dev/bench_engine.py --modes=compile); uncompiled, SDPA is the faster.
+    share of a batch-8 step (dev/bench_engine.py --modes=compile); uncompiled, SDPA is the faster. The query is
+    scaled before the product: scaling the scores after it is a form inductor rewrites back into an SDPA call.
     """
     B, H, _, D = q.shape
     grouped = q.reshape(B, keys.size(1), H // keys.size(1), D)  # the query heads sharing each key/value head
-    weights = torch.softmax((grouped @ keys.transpose(-2, -1)) * D ** -0.5, dim=-1)
+    weights = torch.softmax((grouped * D ** -0.5) @ keys.transpose(-2, -1), dim=-1)
     return (weights @ values).view(B, H, 1, D)
 
 
