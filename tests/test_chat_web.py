@@ -105,6 +105,14 @@ def post(server, body, headers=None):
     conn = http.client.HTTPConnection(*server, timeout=120)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **(headers or {})}
+    if len(data) > 1 << 20:
+        # as curl sends a large body: headers first, asking with Expect: 100-continue; a server that refuses it on
+        # its Content-Length answers at once, and sending the body anyway could meet the closed connection
+        conn.putrequest("POST", "/chat/completions")
+        for name, value in {**headers, "Content-Length": str(len(data)), "Expect": "100-continue"}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        return conn, conn.getresponse()
     conn.request("POST", "/chat/completions", body=data, headers=headers)
     return conn, conn.getresponse()
 
@@ -221,6 +229,22 @@ def test_bad_request_is_refused_with_the_limit(server, what, body, status, messa
     detail = json.loads(response.read())["detail"]
     conn.close()
     assert response.status == status and message in detail, (response.status, detail)
+
+
+def test_body_over_the_limit_without_content_length_is_refused_as_it_streams_in(server):
+    # chunked: the server counts as it reads and refuses once past 1 MiB, without waiting for the rest
+    conn = http.client.HTTPConnection(*server, timeout=60)
+    conn.putrequest("POST", "/chat/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b" " * (64 << 10)
+    for _ in range(17):  # 1 MiB + 64 KiB, and no final chunk: the rest never comes
+        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    response = conn.getresponse()
+    detail = json.loads(response.read())["detail"]
+    conn.close()
+    assert response.status == 413 and "passed the limit of 1048576 bytes" in detail, (response.status, detail)
 
 
 def test_request_refusals_leave_the_server_answering(server):
