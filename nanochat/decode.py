@@ -141,8 +141,10 @@ def compiled_step():
 
 # How the step is compiled on CPU (settings in force while its first call compiles it):
 # - freezing: the prepared weights become constants of the code, prepacked for its matmuls;
-# - the cache position (KVCache.pos, read as cache.pos) symbolic from the start, so one compiled step serves
-#   every position, attending over the filled part of the cache only;
+# - the cache position (KVCache.pos, read as cache.pos) and the cache's capacity symbolic from the start, so one
+#   compiled step per batch size serves every position, prompt and generation length, attending over the filled
+#   part of the cache only (a capacity fixed at the first call compiled again, unfrozen, once a conversation
+#   outgrew it);
 # - when the weights fit in half the largest CPU cache: max_autotune with inductor's C++ GEMM templates as
 #   candidates. The matmuls of a few rows then become generated code instead of oneDNN calls, whose fixed
 #   cost dominates a small model's step. Autotuning times each candidate with the weights hot in cache, so
@@ -234,6 +236,8 @@ class Decoder:
                "batch size and weights)")
 
         def compile_and_run():
+            for keys_or_values in (*cache.k, *cache.v):  # (B, H_kv, capacity, D)
+                torch._dynamo.mark_dynamic(keys_or_values, 2)
             with (torch._inductor.config.patch(cpu_compile_settings(decoder)),
                   torch.compiler.config.patch(dynamic_sources=CPU_COMPILE_DYNAMIC)):
                 return compiled_step()(decoder, cache, ids)

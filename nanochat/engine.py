@@ -81,7 +81,7 @@ class KVCache:
             values.index_copy_(2, self.pos.view(1), v.to(values.dtype))
             return keys, values
         t0, t1 = self.pos, self.pos + T
-        if t1 > self.seq_len:
+        if t1 > keys.size(2):  # the capacity (seq_len), as the tensors hold it: symbolic in a compiled CPU step
             self.seq_len = -(-(t1 + self.GROW_CHUNK) // self.GROW_CHUNK) * self.GROW_CHUNK
             self._allocate(keys.dtype, keys.device, keep=t0)
             keys, values = self.k[layer_idx], self.v[layer_idx]
@@ -129,10 +129,18 @@ def sample_next_token(logits, generator, temperature=1.0, top_k=None):
     if top_k is not None:
         values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k)
         probs = F.softmax(values.float() / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=generator)
-        return indices.gather(1, choice)
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        return indices.gather(1, draw_one(probs, generator))
+    return draw_one(F.softmax(logits.float() / temperature, dim=-1), generator)
+
+
+def draw_one(probs, generator):
+    """
+    torch.multinomial(probs, 1, generator=generator), the same draw from the same generator state: argmax of
+    probs / q with q ~ Exp(1) (the Gumbel-max trick, as torch computes one sample), without torch's checks that
+    probs are finite, non-negative and not all zero, which cost more than the draw and always hold for a softmax.
+    """
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1, keepdim=True)
 
 
 class _Row:

@@ -10,7 +10,7 @@ import torch
 
 from nanochat.calculator import use_calculator
 from nanochat.decode import PreparedLinear, can_pack_weights, cpu_compile_settings, prepare_for_decoding, run_step
-from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.engine import Engine, KVCache, draw_one, sample_next_token
 from nanochat.gpt import GPT, GPTConfig, build_gpt
 
 
@@ -255,6 +255,18 @@ def test_engine_sampling_matches_full_forward(model_and_tokenizer):
         assert got == [expected]
 
 
+@pytest.mark.parametrize("rows,width,spread", [(1, 50, 1.0), (8, 50, 3.0), (8, 8192, 10.0), (3, 7, 0.0)])
+def test_draw_one_is_torch_multinomials_draw(rows, width, spread):
+    # the same token from the same generator state, and the generator left in the same state, over many draws;
+    # spread 10 over 8192 logits makes many probabilities underflow to 0, spread 0 a uniform distribution
+    probs = torch.softmax(torch.randn(rows, width, generator=torch.Generator().manual_seed(width)) * spread, dim=-1)
+    ours, torchs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    draws = [(draw_one(probs, ours), torch.multinomial(probs, 1, generator=torchs)) for _ in range(200)]
+    assert all(torch.equal(a, b) for a, b in draws)
+    assert len({tuple(a.flatten().tolist()) for a, _ in draws}) > 1  # random draws, not a constant
+    assert torch.equal(ours.get_state(), torchs.get_state())
+
+
 def test_engine_shared_prefill_batch(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer)
@@ -342,15 +354,17 @@ def test_compiled_decode_matches_eager(model_and_tokenizer, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("cache_bytes", [2 ** 30, 0], ids=["gemm-templates", "onednn"])
 def test_compiled_cpu_decode_compiles_once_for_every_position(model_and_tokenizer, cache_bytes, monkeypatch):
-    # on CPU the position is symbolic: other prompt lengths and every step reuse one compiled step per batch size;
-    # with the weights in cache or not (inductor's C++ matmuls or oneDNN's, see engine.cpu_compile_settings)
+    # on CPU the position and the cache's capacity are symbolic: other prompt lengths (one past the first cache's
+    # 256 positions too) and every step reuse one compiled step per batch size; with the weights in cache or not
+    # (inductor's C++ matmuls or oneDNN's, see decode.cpu_compile_settings)
     from nanochat import hardware
     monkeypatch.setattr(hardware, "cpu_cache_bytes", lambda: cache_bytes)
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, decode_mode="compile")
     templates = "max_autotune" in cpu_compile_settings(engine.decoder.prepare(model, torch.float32, eager=False))
     assert templates == (cache_bytes > 0)
-    prompts = [tokenizer.encode(text) for text in ("ab", "a longer prompt than that", "abc")]
+    prompts = [tokenizer.encode(text) for text in ("ab", "a longer prompt than that", "abc", "x" * 300)]
+    assert len(prompts[-1]) + 10 > 256  # a larger cache than the first generation's
     _columns(engine, prompts[0], max_tokens=4, temperature=0.0)  # compiles
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for prompt in prompts:
