@@ -3,7 +3,8 @@ In-process A/B of one training step (forward, backward, clipping where the scrip
 the shapes of dev/bench_cpu.sh: ours as our base_train runs it on this device, the reference nanochat
 (karpathy/nanochat at f37d45c) as its base_train runs it on CPU (torch.compile, fp32), and optionally
 upstream nanochat (a later checkout, e.g. master of July 2026) in its bf16 mode (NANOCHAT_DTYPE=bfloat16,
-its default sliding-window pattern). The steps are interleaved, so background load hits all alike.
+its default sliding-window pattern). The steps are interleaved, in a new random order each round, so that
+background load hits all alike and no contender always runs right after the same one.
 
     python -m dev.bench_train_ab --ref_dir=/path/to/reference                  # or REF_DIR=...
     python -m dev.bench_train_ab --ref_dir=... --upstream_dir=/path/to/upstream --steps=20
@@ -25,6 +26,7 @@ batch_size = 8
 vocab_size = 8192
 
 import os
+import random
 import statistics
 import time
 
@@ -106,8 +108,10 @@ for name, step in contenders.items():  # compile and warm up
     print(f"{name}: compile + 2 warm-up steps {time.perf_counter() - t0:.1f}s", flush=True)
 
 times = {name: [] for name in contenders}
+order = random.Random(0)
 for i in range(steps):
-    for name, step in contenders.items():
+    for name in order.sample(list(contenders), len(contenders)):
+        step = contenders[name]
         t0 = time.perf_counter()
         step(*batches[i % len(batches)])
         times[name].append(time.perf_counter() - t0)
