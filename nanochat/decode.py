@@ -143,8 +143,8 @@ def compiled_step():
 # - freezing: the prepared weights become constants of the code, prepacked for its matmuls;
 # - the cache position (KVCache.pos, read as cache.pos) and the cache's capacity symbolic from the start, so one
 #   compiled step per batch size serves every position, prompt and generation length, attending over the filled
-#   part of the cache only (a capacity fixed at the first call compiled again, unfrozen, once a conversation
-#   outgrew it);
+#   part of the cache only (with the capacity fixed, a conversation outgrowing the first cache would compile the
+#   step again, without these settings);
 # - when the weights fit in half the largest CPU cache: max_autotune with inductor's C++ GEMM templates as
 #   candidates. The matmuls of a few rows then become generated code instead of oneDNN calls, whose fixed
 #   cost dominates a small model's step. Autotuning times each candidate with the weights hot in cache, so
@@ -300,6 +300,10 @@ class CapturedStep:
 
 @functools.lru_cache(maxsize=None)
 def _bf16_decode_speedup(device):
+    return hardware.rank_zeros(_measured_bf16_decode_speedup(device), device)
+
+
+def _measured_bf16_decode_speedup(device):
     if device.type == "cuda":
         return float("inf") if torch.cuda.is_bf16_supported() else 0.0
     if device.type != "cpu" or not hardware.cpu_has_native_bf16() or not can_pack_weights(device, torch.bfloat16):

@@ -4,7 +4,7 @@ What the hardware is good at, decided by looking and by measuring rather than by
 - cpu_cache_bytes(): the largest CPU cache, for the decode step's choice of compiled matmuls (nanochat/decode.py).
 - cpu_model(), cpu_flags() / cpu_has_native_bf16(): which CPU; does the CPU have bf16 dot-product or matrix units
   (x86 avx512_bf16 / amx_bf16, Arm bf16)? Without them PyTorch emulates bf16 matmuls, far slower than fp32.
-- bf16_matmul_speedup(device): measured once per process and device (~0.1 s).
+- bf16_matmul_speedup(device): measured once per process and device (~0.1 s); rank 0's in a distributed run.
 - newton_schulz_dtype(device), choose_autocast_dtype(device): the precision choices built on that.
   (The same choice for generation, measured with the decode step's own matmuls: nanochat/decode.py.)
 - peak_flops(device): the denominator of MFU; a table of datasheet numbers for known GPUs, a short
@@ -18,6 +18,7 @@ import platform
 import time
 
 import torch
+import torch.distributed as dist
 
 # Dense bf16 tensor-core peaks from NVIDIA datasheets (no 2:4 sparsity), matched as substrings of
 # torch.cuda.get_device_name(); first match wins, so the more specific names come first.
@@ -137,8 +138,25 @@ def measure_matmul_flops(device, dtype, size=512, batch=4, seconds=0.05):
     return 2 * batch * size ** 3 / best
 
 
+def rank_zeros(measured, device):
+    """
+    A figure measured on a CPU as rank 0 measured it, in a distributed run (else as given): the ranks of one run
+    must make the same choices from it (they change the numbers, and a resumed run repeats rank 0's saved ones),
+    but each measures under its own load. Every rank calls this at the same point (a collective).
+    """
+    if device.type != "cpu" or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return measured
+    agreed = torch.tensor([measured], dtype=torch.float64)
+    dist.broadcast(agreed, src=0)
+    return agreed.item()
+
+
 @functools.lru_cache(maxsize=None)
 def _bf16_matmul_speedup(device):
+    return rank_zeros(_measured_bf16_matmul_speedup(device), device)
+
+
+def _measured_bf16_matmul_speedup(device):
     if device.type == "cuda":
         return float("inf") if torch.cuda.is_bf16_supported() else 0.0  # tensor cores; no need to measure
     if device.type == "cpu" and not cpu_has_native_bf16():
