@@ -43,7 +43,7 @@ max_new_tokens = 128  # longest completion (chat_rl: 256)
 steps = 3  # timed steps per contender, in turn (after one untimed step each)
 # Ours
 dtype = "auto"  # auto|float32|bfloat16: training precision and rollout dtype, as chat_rl's --dtype
-decode_mode = ""  # as chat_rl's --decode_mode ("" = the device's default)
+decode_mode = ""  # as chat_rl's --decode_mode ("" = as chat_rl chooses: on CPU compiled when training is)
 compile = "true"  # torch.compile our training passes, as chat_rl does for a long run (false: eager, as for a short
 # one); every padded row length the timed steps can meet is compiled before timing
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
@@ -62,10 +62,12 @@ if ref_dir:
 # ours as chat_rl sets itself up
 use_bf16 = dtype == "bfloat16" or (dtype == "auto" and hardware.choose_autocast_dtype(device) == torch.bfloat16)
 rollout_dtype = choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
-engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode or None, timed_threads=False)
 optimizers = model.setup_optimizers()
 passes = num_samples // device_batch_size
 use_compile = compile == "true"
+rollout_mode = decode_mode or ("compile" if device.type == "cpu" and use_compile else None)
+engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=rollout_mode, timed_threads=False,
+                live_weights=True)
 train_model = compiled_policy(model) if use_compile else model
 row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
 
@@ -137,7 +139,7 @@ print(f"CPU: {hardware.cpu_description()}, {torch.get_num_threads()} threads" if
       f"Device: {torch.cuda.get_device_name(device)}")
 print(f"Model: {source} step {meta['step']}, {model.config.n_layer} layers, width {model.config.n_embd}; "
       f"{examples} problems x {num_samples} samples, up to {max_new_tokens} new tokens, batches of {device_batch_size}")
-print(f"Ours: rollouts in {str(rollout_dtype)[6:]} ({decode_mode or 'default'} decoding), training "
+print(f"Ours: rollouts in {str(rollout_dtype)[6:]} ({rollout_mode or 'default'} decoding), training "
       f"{'bf16 autocast' if use_bf16 else 'fp32'}{', compiled' if use_compile else ''}"
       + ("; reference: fp32" if ref_dir else ""))
 if use_compile:

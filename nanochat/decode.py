@@ -13,7 +13,9 @@ Modes (MODES, chosen per Engine):
 - "compile": torch.compile of the step. On CPU the weights are frozen into the generated code and the cache
   position is symbolic, so one compiled step per batch size serves every position and prompt (see
   cpu_compile_settings); elsewhere the fixed-shape form is compiled (the position held in a tensor on the
-  device, attention over the cache's whole capacity with the unwritten positions masked out).
+  device, attention over the cache's whole capacity with the unwritten positions masked out). With live
+  weights (a model trained between generations, as in RL) the CPU step reads the weights at each call instead,
+  its matmuls through prepacked_linear, so an optimizer step does not compile it again.
 - "cuda_graph": the fixed-shape form captured once as a CUDA graph and replayed: one launch per token.
 A compile or capture that fails says so once, and the Decoder decodes eagerly from then on.
 """
@@ -57,42 +59,90 @@ def can_pack_weights(device, dtype):
 
 class PreparedLinear(nn.Module):
     """
-    x @ weight.T with the weight cast to dtype once and, with pack=True, reordered once into oneDNN's blocked
-    layout (then the matmul goes straight to oneDNN: the same result as F.linear on the same bf16 weights).
-    The weight is a buffer, so that a compiled step can freeze it into its code.
+    x @ weight.T with the weight cast to dtype once. pack="eager": the weight reordered once into oneDNN's blocked
+    layout (the matmul then goes straight to oneDNN: the same result as F.linear on the same bf16 weights).
+    pack="live": the weight kept plain, with its packed copy attached for prepacked_linear (see there). The
+    weight is a buffer, so that a compiled step can freeze it into its code or take it as an input.
     """
 
-    def __init__(self, weight, dtype, pack):
+    def __init__(self, weight, dtype, pack=None):
         super().__init__()
         self.dtype, self.pack = dtype, pack
-        weight = weight.detach().to(dtype)
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight,
-                             persistent=False)
+        weight = weight.detach().to(dtype, copy=True)
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack == "eager"
+                             else weight, persistent=False)
+        if pack == "live":
+            attach_packed(self.weight)
 
     def forward(self, x):
-        if self.pack:  # (B, 1, C) as it is: flattening to 2D first made the whole decode step slower
+        if self.pack == "eager":  # (B, 1, C) as it is: flattening to 2D first made the whole decode step slower
             return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, None, "none", [None], "")
+        if self.pack == "live":
+            return prepacked_linear(x.to(self.dtype), self.weight)
         return F.linear(x.to(self.dtype), self.weight)
 
 
-def prepare_for_decoding(model, dtype, eager):
+def attach_packed(weight):
+    """Attach weight's oneDNN-packed copy to it, for prepacked_linear (again after every change to weight)."""
+    weight.onednn_packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+
+@torch.library.custom_op("nanochat::prepacked_linear", mutates_args=())
+def prepacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """
+    x @ weight.T by oneDNN's prepacked matmul, with the packed copy attach_packed gave the weight (packed here if
+    it has none: the same result, slower). torch.compile cannot see inside it, so a compiled step takes the plain
+    weight as an input (the packed one cannot be) and reads it at each call, while the matmul stays as fast as
+    the eager step's.
+    """
+    packed = getattr(weight, "onednn_packed", None)
+    if packed is None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+
+
+@prepacked_linear.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.size(0)))
+
+
+def prepare_for_decoding(model, dtype, eager, live=False):
     """
     A copy of model (same class, same forward) that shares its tensors but multiplies by PreparedLinear, packed
     where that is faster. eager=True: for running step by step in Python, without nn.Module's dispatch.
+    live=True (compiled, weights that change): matrices refreshed in place by refresh_weights.
     """
-    pack = eager and can_pack_weights(model.get_device(), dtype)
+    packable = can_pack_weights(model.get_device(), dtype)
+    pack = "eager" if eager and packable else "live" if live and packable else None
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     decoder = copy.deepcopy(model, memo=shared)  # the modules are copied, the tensors shared
     for block in decoder.transformer.h:
         attn, mlp = block.attn, block.mlp
-        attn.c_qkv = PreparedLinear(torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]), dtype, pack)
+        attn.c_qkv = prepared(dtype, pack, attn.c_q.weight, attn.c_k.weight, attn.c_v.weight)
         del attn.c_q, attn.c_k, attn.c_v
-        attn.c_proj = PreparedLinear(attn.c_proj.weight, dtype, pack)
-        mlp.c_fc = PreparedLinear(mlp.c_fc.weight, dtype, pack)
-        mlp.c_proj = PreparedLinear(mlp.c_proj.weight, dtype, pack)
-    decoder.lm_head = PreparedLinear(model.lm_head.weight, dtype, pack)
+        attn.c_proj = prepared(dtype, pack, attn.c_proj.weight)
+        mlp.c_fc = prepared(dtype, pack, mlp.c_fc.weight)
+        mlp.c_proj = prepared(dtype, pack, mlp.c_proj.weight)
+    decoder.lm_head = prepared(dtype, pack, model.lm_head.weight)
     decoder.eval()
     return without_module_dispatch(decoder) if eager else decoder
+
+
+def prepared(dtype, pack, *weights):
+    """PreparedLinear of the weights stacked (q, k and v: one matmul instead of three), remembering them."""
+    linear = PreparedLinear(torch.cat(weights) if len(weights) > 1 else weights[0], dtype, pack)
+    linear.sources = weights  # the model's parameters, for refresh_weights
+    return linear
+
+
+def refresh_weights(decoder):
+    """Copy the model's current weights into a prepared copy, in place: a compiled step that takes them as inputs
+    (not frozen) computes with the new values without compiling again."""
+    for linear in decoder.modules():
+        if isinstance(linear, PreparedLinear):
+            linear.weight.copy_(torch.cat(linear.sources) if len(linear.sources) > 1 else linear.sources[0])
+            if linear.pack == "live":
+                attach_packed(linear.weight)
 
 
 def without_module_dispatch(decoder):
@@ -152,8 +202,12 @@ def compiled_step():
 CPU_COMPILE_DYNAMIC = "L['cache'].pos"
 
 
-def cpu_compile_settings(decoder):
-    """Inductor settings for compiling the decode step on CPU with this prepared copy (see above)."""
+def cpu_compile_settings(decoder, live=False):
+    """Inductor settings for compiling the decode step on CPU with this prepared copy (see above). Live weights
+    are not frozen, and not autotuned: their matmuls are prepacked_linear's, and a choice by timing could differ
+    between two runs (a resumed RL run must draw the same rollouts)."""
+    if live:
+        return dict(freezing=False)
     settings = dict(freezing=True)
     if 2 * matrix_bytes(decoder) <= hardware.cpu_cache_bytes():
         settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
@@ -168,23 +222,36 @@ class Decoder:
     count chosen per batch size, and whether compiling failed. timed_threads=False keeps eager CPU steps on
     torch's thread count instead of the faster of two timed ones: the thread count changes the logits' last bits,
     so a choice by timing could differ between two runs (training that samples from the model, e.g. RL rollouts,
-    must not depend on one to resume exactly).
+    must not depend on one to resume exactly). live_weights=True: the model is trained between generations; a
+    compiled CPU step then reads the weights at each call (refreshed in place) instead of compiling again for
+    each new set.
     """
 
-    def __init__(self, mode=None, timed_threads=True):
+    def __init__(self, mode=None, timed_threads=True, live_weights=False):
         self.mode = check_mode(mode)
         self.timed_threads = timed_threads
-        self.prepared, self.prepared_key = None, None
+        self.live_weights = live_weights
+        self.prepared, self.prepared_for, self.prepared_versions = None, None, None
         self.compiled_batch_sizes = set()  # CPU: the batch sizes compiled for the current prepared copy
         self.thread_trials = {}  # CPU eager, per batch size: {threads: [seconds per step]}
         self.failed = False  # compiling or capturing failed once: eager from then on
 
     def prepare(self, model, dtype, eager):
-        """The prepared copy of model, rebuilt only when a parameter was changed (trained) or moved since."""
-        key = (dtype, eager, [(p.data_ptr(), p._version) for p in model.parameters()])
-        if key != self.prepared_key:
-            self.prepared, self.prepared_key = prepare_for_decoding(model, dtype, eager), key
-            self.compiled_batch_sizes = set()
+        """The prepared copy of model, made again only when a parameter was changed (trained) or moved since (live
+        weights compiled: changed parameters are copied into it instead)."""
+        params = list(model.parameters())
+        prepared_for = (dtype, eager, [p.data_ptr() for p in params])
+        versions = [p._version for p in params]
+        live = self.live_weights and not eager
+        if prepared_for != self.prepared_for:
+            self.prepared = prepare_for_decoding(model, dtype, eager, live=live)
+            self.prepared_for, self.compiled_batch_sizes = prepared_for, set()
+        elif versions != self.prepared_versions:
+            if live:
+                refresh_weights(self.prepared)
+            else:
+                self.prepared, self.compiled_batch_sizes = prepare_for_decoding(model, dtype, eager), set()
+        self.prepared_versions = versions
         return self.prepared
 
     def start(self, model, cache, dtype):
@@ -238,7 +305,7 @@ class Decoder:
         def compile_and_run():
             for keys_or_values in (*cache.k, *cache.v):  # (B, H_kv, capacity, D)
                 torch._dynamo.mark_dynamic(keys_or_values, 2)
-            with (torch._inductor.config.patch(cpu_compile_settings(decoder)),
+            with (torch._inductor.config.patch(cpu_compile_settings(decoder, self.live_weights)),
                   torch.compiler.config.patch(dynamic_sources=CPU_COMPILE_DYNAMIC)):
                 return compiled_step()(decoder, cache, ids)
 

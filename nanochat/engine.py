@@ -168,14 +168,15 @@ class Engine:
     decode_mode: "eager", "compile" or "cuda_graph" (decode.MODES); None = cuda_graph on CUDA, eager elsewhere.
     On CPU "compile" decodes several times faster than eager at small batch sizes once compiled, and
     compiling takes seconds (dev/bench_engine.py), so it pays for long sessions (chat, evaluation), not
-    for a few samples. timed_threads=False: the same numbers in every run (see decode.Decoder).
+    for a few samples. timed_threads=False: the same numbers in every run. live_weights=True: the model is trained
+    between generations (RL), and a compiled step follows its weights without compiling again (see decode.Decoder).
     """
 
-    def __init__(self, model, tokenizer, dtype=None, decode_mode=None, timed_threads=True):
+    def __init__(self, model, tokenizer, dtype=None, decode_mode=None, timed_threads=True, live_weights=False):
         self.model = model
         self.tokenizer = tokenizer
         self.dtype = dtype
-        self.decoder = Decoder(decode_mode, timed_threads)
+        self.decoder = Decoder(decode_mode, timed_threads, live_weights)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):

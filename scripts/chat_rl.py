@@ -47,8 +47,8 @@ from tasks.gsm8k import GSM8K
 run = "dummy"  # wandb run name ("dummy" = no wandb logging)
 device_type = ""  # cuda|cpu|mps ("" = autodetect: CUDA > MPS > CPU)
 dtype = "auto"  # auto|bfloat16|float32: training under bf16 autocast, and the rollouts' decode dtype (auto = measured)
-decode_mode = ""  # eager|compile|cuda_graph for the rollouts ("" = cuda_graph on CUDA, eager elsewhere; compile
-# freezes the weights into the code on CPU, so there it compiles again after every step: slower than eager)
+decode_mode = ""  # eager|compile|cuda_graph for the rollouts ("" = cuda_graph on CUDA; on CPU compile when the
+# training passes are compiled, else eager). Compiled, the decode step reads the weights each step trains (live).
 compile = "auto"  # torch.compile the training passes: auto|true|false (auto = on CUDA; on CPU when the run is long
 # enough: each padded row length, a multiple of 64 tokens, compiles once)
 # Model: the checkpoint RL starts from, and where its own go
@@ -95,9 +95,6 @@ except ValueError as e:
 device_type = device_type or autodetect_device_type()
 ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(device_type)
 master_process = ddp_rank == 0
-if decode_mode == "compile" and device.type == "cpu":
-    print0("Warning: --decode_mode=compile on CPU compiles the decode step again after every optimizer step (the "
-           "weights are frozen into it): slower than eager decoding, the default (dev/bench_rl.py compares them)")
 synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
 # Batch: problems split over ranks, samples split into passes
@@ -167,8 +164,6 @@ elif "rollouts" in saved_choices:
     rollout_dtype = getattr(torch, saved_choices["rollouts"])
 else:
     rollout_dtype = choose_decode_dtype(device)
-# rollouts on torch's thread count, not the faster of two timed ones: a timing must not change what is sampled
-engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=decode_mode or None, timed_threads=False)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
 # Compiled, the training rows are padded to a multiple of 64 tokens: one compile per length (up to
 # ceil((prompt + max_new_tokens) / 64) of them, GSM8K prompts taken as up to 256 tokens), each paid back once eager
@@ -179,7 +174,13 @@ use_compile = use_torch_compile(compile, saved_choices, device, eager_training_s
                                 shapes=-(-(max_new_tokens + 256) // COMPILED_ROW_MULTIPLE))
 train_model = compiled_policy(model) if use_compile else model
 row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
-print0(f"Precision: training {'bf16 autocast' if use_bf16 else 'fp32'}, rollouts {str(rollout_dtype)[6:]} | "
+# Rollouts on torch's thread count, not the faster of two timed ones: a timing must not change what is sampled.
+# On CPU a long run's are compiled too (seconds, once per batch size): ~1.5x eager at batch 8 (dev/bench_rl.py).
+rollout_mode = decode_mode or ("compile" if device.type == "cpu" and use_compile else None)
+engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=rollout_mode, timed_threads=False,
+                live_weights=True)
+print0(f"Precision: training {'bf16 autocast' if use_bf16 else 'fp32'}, rollouts {str(rollout_dtype)[6:]} "
+       f"({rollout_mode or 'default'} decoding) | "
        f"torch.compile: {use_compile} | CPU threads: {torch.get_num_threads()} | peak FLOP/s for MFU: {peak_flops:.3e}")
 
 # Optimizers at init_lr_frac of the base rates, decaying linearly to 0 over the run

@@ -259,15 +259,16 @@ def test_chat_rl_trains_saves_logs_and_loads_as_rl(rl_base, capsys):
 
 
 def test_chat_rl_compiled_samples_the_same_first_rollouts_and_trains_alike(rl_base, capsys):
-    # --compile=true: the training passes compiled on padded rows; the rollouts (uncompiled, same weights) of step 0
-    # are the eager run's, and so is its loss up to float rounding
+    # --compile=true: the training passes compiled on padded rows, and the rollouts decoded by a compiled step that
+    # reads the weights as they are trained; step 0's rollouts are the eager run's, and so is its loss up to rounding
     assert run_script("scripts.chat_rl", [*RL, "-g", "compiled", "--num_iterations=2", "--eval_every=-1",
                                           "--save_every=-1", "--compile=false"]) == 0
     eager = [r for r in read_log(rl_folder(rl_base, "compiled")) if "reward" in r]
     shutil.rmtree(rl_folder(rl_base, "compiled"))
     assert run_script("scripts.chat_rl", [*RL, "-g", "compiled", "--num_iterations=2", "--eval_every=-1",
                                           "--save_every=-1", "--compile=true"]) == 0
-    assert "torch.compile: True" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "torch.compile: True" in out and "(compile decoding)" in out
     compiled = [r for r in read_log(rl_folder(rl_base, "compiled")) if "reward" in r]
     assert len(eager) == len(compiled) == 2
     assert compiled[0]["reward"] == eager[0]["reward"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nanochat.calculator import use_calculator
-from nanochat.decode import PreparedLinear, can_pack_weights, cpu_compile_settings, prepare_for_decoding, run_step
+from nanochat.decode import (PreparedLinear, can_pack_weights, cpu_compile_settings, prepacked_linear, prepare_for_decoding,
+                             run_step)
 from nanochat.engine import Engine, KVCache, draw_one, sample_next_token
 from nanochat.gpt import GPT, GPTConfig, build_gpt
 
@@ -373,6 +374,38 @@ def test_compiled_cpu_decode_compiles_once_for_every_position(model_and_tokenize
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_with_live_weights_follows_training_without_compiling_again(model_and_tokenizer, dtype):
+    # RL trains the model between generations: the compiled CPU step then reads the weights at each call (bf16:
+    # through prepacked_linear), so that after an optimizer step it computes with the new ones, compiling nothing
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, dtype=dtype, decode_mode="compile", live_weights=True)
+    prompt = tokenizer.encode("abc")
+    _columns(engine, prompt, num_samples=2, max_tokens=4, temperature=0.0)  # compiles
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        before = None
+        for _ in range(2):
+            with torch.no_grad():  # as an optimizer step changes them: in place, the stacked q too
+                for weight in (model.lm_head.weight, model.transformer.h[0].attn.c_q.weight):
+                    weight.add_(torch.randn_like(weight))
+            got = _columns(engine, prompt, num_samples=2, max_tokens=10, temperature=0.0)
+            assert got != before
+            before = got
+            if dtype == torch.float32:
+                assert got == [_naive_decode(model, prompt, 10)] * 2
+            else:  # each token the new weights' best guess up to bf16 rounding
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = model(torch.tensor([prompt + got[0]]))[0, len(prompt) - 1:-1].float()
+                chosen = logits.gather(1, torch.tensor(got[0]).view(-1, 1))[:, 0]
+                assert torch.all(chosen >= logits.max(dim=1).values - 0.25)
+    finally:
+        model.load_state_dict(saved)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+
+
 def test_engine_rejects_an_unknown_decode_mode(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match="decode mode must be one of"):
@@ -413,7 +446,10 @@ def test_bf16_decode_follows_the_model(model_and_tokenizer):
     if can_pack_weights("cpu", torch.bfloat16):  # the prepacked matmul is the plain bf16 one, bit for bit
         w = torch.randn(96, 64)
         for x in (torch.randn(3, 64).bfloat16(), torch.randn(3, 1, 64).bfloat16()):  # as given, and a decode step's
-            assert torch.equal(PreparedLinear(w, torch.bfloat16, pack=True)(x), torch.nn.functional.linear(x, w.bfloat16()))
+            expected = torch.nn.functional.linear(x, w.bfloat16())
+            for pack in ("eager", "live"):
+                assert torch.equal(PreparedLinear(w, torch.bfloat16, pack=pack)(x), expected)
+            assert torch.equal(prepacked_linear(x, w.bfloat16()), expected)  # nothing attached: packed on the spot
 
 
 def test_cpu_decode_picks_its_threads_and_gives_them_back(model_and_tokenizer):
