@@ -4,14 +4,15 @@ same checkpoint, the same GSM8K problems and the same sampling seeds, in one pro
 by step: rollouts (sampling every completion with the Engine and the calculator), then the policy-gradient
 forward/backward over them and the optimizer step. The reference runs as its chat_rl runs on a CPU: its Engine
 and GPT in fp32 (its autocast is CUDA's), full logits for the loss. Ours as chat_rl runs here: the decode dtype
-and mode it picks, the chunked loss under the training precision it picks.
+and mode it picks, the chunked loss under the training precision it picks, and no pass whose advantages are all
+0 (--train_every_pass=true computes those too, to time the training passes themselves).
 
     python -m dev.bench_rl --ref_dir=/path/to/reference --source=sft --model_tag=d4
     python -m dev.bench_rl --ref_dir=... --examples=2 --num_samples=8 --max_new_tokens=128 --steps=3
 
 Needs a chat checkpoint and GSM8K (NANOCHAT_TASKS_URL, as for chat_rl). Prints per contender the rollout
-tokens per second, the training tokens per second and the whole step, and ours against the reference
-(without --ref_dir: ours only).
+tokens per second, the training tokens per second, the seconds of each half and of the whole step, how many
+passes were trained, and ours against the reference (without --ref_dir: ours only).
 """
 
 import os
@@ -28,7 +29,7 @@ from nanochat.configurator import configure
 from nanochat.decode import choose_decode_dtype
 from nanochat.engine import Engine
 from nanochat.rl import (COMPILED_ROW_MULTIPLE, compiled_policy, policy_gradient_loss, rollout_seed, rollouts,
-                         training_rows)
+                         training_rows, zero_missing_grads)
 from tasks.gsm8k import GSM8K
 
 # Model and problems
@@ -44,6 +45,8 @@ steps = 3  # timed steps per contender, in turn (after one untimed step each)
 # Ours
 dtype = "auto"  # auto|float32|bfloat16: training precision and rollout dtype, as chat_rl's --dtype
 decode_mode = ""  # as chat_rl's --decode_mode ("" = as chat_rl chooses: on CPU compiled when training is)
+train_every_pass = False  # ours computes passes whose advantages are all 0 too, as the reference does (chat_rl skips
+# them: their gradient is exactly 0), to time the training passes themselves
 compile = "true"  # torch.compile our training passes, as chat_rl does for a long run (false: eager, as for a short
 # one); every padded row length the timed steps can meet is compiled before timing
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
@@ -88,19 +91,25 @@ def our_step(step):
     batches = [rollouts(engine, tokenizer, task, i, step, num_samples, device_batch_size, max_new_tokens,
                         pad_multiple=row_multiple) for i in range(examples)]
     t1 = time.perf_counter()
+    rows, trained_passes = 0, 0  # the rows' tokens without the padding to row_multiple, as the reference pads
     for batch in batches:
         for b0 in range(0, num_samples, device_batch_size):
             inputs, targets = batch.inputs[b0:b0 + device_batch_size], batch.targets[b0:b0 + device_batch_size]
+            advantages = batch.advantages[b0:b0 + device_batch_size]
+            if not (advantages.any() or train_every_pass):
+                continue
             normalizer = (targets >= 0).sum().clamp(min=1) * passes * examples
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                policy_gradient_loss(train_model, inputs, targets, batch.advantages[b0:b0 + device_batch_size],
-                                     normalizer).backward()
+                policy_gradient_loss(train_model, inputs, targets, advantages, normalizer).backward()
+            rows += batch.row_tokens // passes
+            trained_passes += 1
+    zero_missing_grads(model)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
-    rows = sum(b.row_tokens for b in batches)  # without the padding to row_multiple, as the reference pads
-    return t1 - t0, t2 - t1, sum(b.completion_tokens for b in batches), rows, [b.sequences for b in batches]
+    return (t1 - t0, t2 - t1, sum(b.completion_tokens for b in batches), rows, [b.sequences for b in batches],
+            trained_passes)
 
 
 def reference_step(step):
@@ -132,7 +141,7 @@ def reference_step(step):
     t2 = time.perf_counter()
     generated = sum(len(s) - n for sequences, n, _, _, _ in batches for s in sequences)
     rows = sum(inputs.numel() for _, _, inputs, _, _ in batches)
-    return t1 - t0, t2 - t1, generated, rows, [b[0] for b in batches]
+    return t1 - t0, t2 - t1, generated, rows, [b[0] for b in batches], examples * passes
 
 
 print(f"CPU: {hardware.cpu_description()}, {torch.get_num_threads()} threads" if device.type == "cpu" else
@@ -151,15 +160,17 @@ results = {name: [] for name in contenders}
 for step in range(steps + 1):  # step 0 warms up (compiles, if ours does)
     for name, run in contenders.items():
         results[name].append(run(step))
-print(f"\n{'contender':10} {'rollout tok/s':>13} {'train tok/s':>11} {'step s':>7}  (median of {steps} steps after one warm-up)")
-medians = {}
+print(f"\n{'contender':10} {'rollout tok/s':>13} {'train tok/s':>11} {'rollouts s':>10} {'training s':>10} {'step s':>7}"
+      f" {'passes trained':>14}  (median of {steps} steps after one warm-up; train tok/s over the passes trained)")
 for name in contenders:
     timed = results[name][1:]
     rollout = statistics.median(r[2] / r[0] for r in timed)
     train = statistics.median(r[3] / r[1] for r in timed)
-    step_seconds = statistics.median(r[0] + r[1] for r in timed)
-    medians[name] = step_seconds
-    print(f"{name:10} {rollout:13,.0f} {train:11,.0f} {step_seconds:7.2f}")
+    rollout_seconds, train_seconds, step_seconds = (statistics.median(x) for x in zip(*[(r[0], r[1], r[0] + r[1])
+                                                                                         for r in timed]))
+    trained = f"{sum(r[5] for r in timed)}/{len(timed) * examples * passes}"
+    print(f"{name:10} {rollout:13,.0f} {train:11,.0f} {rollout_seconds:10.2f} {train_seconds:10.2f} {step_seconds:7.2f}"
+          f" {trained:>14}")
 if ref_dir:
     ratios = [(r[0] + r[1]) / (o[0] + o[1]) for r, o in zip(results["reference"][1:], results["ours"][1:])]
     same_first = results["ours"][0][4] == results["reference"][0][4]

@@ -8,7 +8,8 @@ come from the current weights.
 
 - rollouts(): the samples of one problem, their rewards, advantages, and the training batch (prompt tokens and
   the tokens the Engine forced, such as calculator output, are not trained on: the Engine's mask 0);
-- policy_gradient_loss(): the loss of one batch of rows;
+- policy_gradient_loss(): the loss of one batch of rows (a batch whose advantages are all 0, its problem's rewards
+  all equal, has loss and gradient exactly 0: chat_rl skips it, and zero_missing_grads keeps the step the same);
 - compiled_policy(): the model compiled for those passes, its rows padded to COMPILED_ROW_MULTIPLE tokens;
 - sample_outcomes() and pass_at_k(): how many problems one of the first k samples solves, for k = 1..K.
 """
@@ -98,6 +99,14 @@ def policy_gradient_loss(model, inputs, targets, advantages, normalizer):
     """
     log_probs = -model(inputs, targets, loss_reduction="none").view_as(inputs)  # (B, T); 0 where targets are -1
     return -(log_probs * advantages[:, None]).sum() / normalizer
+
+
+def zero_missing_grads(model):
+    """Zero gradients for the parameters that have none, as a step whose passes were all skipped (every advantage
+    0) would have computed: the optimizers then step as the reference's do (momentum moves the weights)."""
+    for param in model.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
 
 
 @torch.no_grad()

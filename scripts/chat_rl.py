@@ -35,7 +35,7 @@ from nanochat.decode import check_mode as check_decode_mode, choose_decode_dtype
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import (COMPILED_ROW_MULTIPLE, compiled_policy, pass_at_k, policy_gradient_loss, rollouts,
-                         sample_outcomes)
+                         sample_outcomes, zero_missing_grads)
 from nanochat.training import (StepLog, StopRequest, warn_changed_settings, saved_machine_choices, machine_choices,
                                use_bf16_autocast, use_torch_compile, finetuning_optimizers, reuse_thread_count)
 from tasks.gsm8k import GSM8K
@@ -282,18 +282,21 @@ while True:
     synchronize()
     t1 = time.time()
     loss_sum = torch.zeros((), device=device)
-    rows_tokens = 0
+    rows_tokens = 0  # of the passes trained, without the padding to row_multiple
     for batch in batches:
-        rows_tokens += batch.row_tokens  # without the padding to row_multiple
         for b0 in range(0, num_samples, device_batch_size):
             inputs, targets = batch.inputs[b0:b0 + device_batch_size], batch.targets[b0:b0 + device_batch_size]
+            advantages = batch.advantages[b0:b0 + device_batch_size]
+            if not advantages.any():  # its problem's rewards all equal: loss and gradient exactly 0, not computed
+                continue
             # normalised by this pass's valid tokens, the passes and the problems, as the reference does
             normalizer = (targets >= 0).sum().clamp(min=1) * passes_per_example * examples_per_rank
             with autocast_ctx:
-                loss = policy_gradient_loss(train_model, inputs, targets, batch.advantages[b0:b0 + device_batch_size],
-                                            normalizer)
+                loss = policy_gradient_loss(train_model, inputs, targets, advantages, normalizer)
             loss.backward()
             loss_sum += loss.detach()
+            rows_tokens += batch.row_tokens // passes_per_example
+    zero_missing_grads(model)  # a step that trained no pass still steps (momentum), as the reference's does
     # rank sums: reward, completion tokens, samples, loss, non-finite flags, stop requests, trained tokens
     sums = sum_over_ranks([sum(b.rewards.sum().item() for b in batches), sum(b.completion_tokens for b in batches),
                            examples_per_rank * num_samples, loss_sum.item(), float(not torch.isfinite(loss_sum)),

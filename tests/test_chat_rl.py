@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_gpt
-from nanochat.rl import compiled_policy, pass_at_k, policy_gradient_loss, rollout_seed, rollouts, training_rows
+from nanochat.rl import (compiled_policy, pass_at_k, policy_gradient_loss, rollout_seed, rollouts, training_rows,
+                         zero_missing_grads)
 from conftest import environment
 from test_chat_stages import read_log, run_script
 from test_engine import CharTokenizer
@@ -85,6 +86,32 @@ def test_untrained_tokens_carry_no_gradient():
     model.zero_grad()
     policy_gradient_loss(model, inputs, torch.full_like(targets, -1), advantages, 3.0).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # nothing trained: no gradient
+
+
+def test_skipping_passes_whose_advantages_are_all_zero_changes_no_gradient():
+    # chat_rl does not compute a pass whose rows all have advantage 0 (its problem's rewards all equal): computed,
+    # its gradient is exactly 0, so the step's gradients are the same bits; with every pass skipped they are zeros
+    model = tiny_gpt(10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    passes = [(torch.randint(0, 10, (2, 6), generator=g), torch.randint(0, 10, (2, 6), generator=g), advantages)
+              for advantages in (torch.tensor([0.5, -0.5]), torch.zeros(2), torch.tensor([-0.25, 0.25]))]
+
+    def grads(skip, which):
+        model.zero_grad(set_to_none=True)
+        for inputs, targets, advantages in (passes[i] for i in which):
+            if skip and not advantages.any():
+                continue
+            policy_gradient_loss(model, inputs, targets, advantages, 7.0).backward()
+        zero_missing_grads(model)
+        return [p.grad.clone() for p in model.parameters()]
+
+    for which in ((0, 1, 2), (1,)):
+        computed, skipped = grads(False, which), grads(True, which)
+        assert all(torch.equal(a, b) for a, b in zip(computed, skipped))
+    assert any(t.any() for t in grads(True, (0, 1, 2))) and not any(t.any() for t in grads(True, (1,)))
 
 
 def test_rows_padded_for_a_compiled_model_give_the_same_loss_and_gradients():
