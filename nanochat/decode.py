@@ -67,6 +67,8 @@ class PreparedLinear(nn.Module):
 
     def __init__(self, weight, dtype, pack=None):
         super().__init__()
+        if pack not in (None, "eager", "live"):
+            raise ValueError(f"pack must be None, 'eager' or 'live', got {pack!r}")
         self.dtype, self.pack = dtype, pack
         weight = weight.detach().to(dtype, copy=True)
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack == "eager"
@@ -380,7 +382,7 @@ def _measured_bf16_decode_speedup(device):
     weights = [torch.randn(1024, 1024, generator=generator, device=device) for _ in range(8)]
     x = torch.randn(1, 1024, generator=generator, device=device)
     timings = {}
-    for dtype, pack in ((torch.float32, False), (torch.bfloat16, True)):
+    for dtype, pack in ((torch.float32, None), (torch.bfloat16, "eager")):
         matrices = [PreparedLinear(w, dtype, pack) for w in weights]
         best = float("inf")
         for _ in range(10):  # best of 10: robust to other processes on the machine
