@@ -250,7 +250,7 @@ def rl_base(tmp_path_factory):
     for (digit,) in digits:
         _set_next_token(model, space, digit)
         _set_next_token(model, digit, special("<|assistant_end|>"))
-    for tag in ("d1", "resumed", "ranks", "compiled"):
+    for tag in ("d1", "resumed", "ranks", "compiled", "compiled_resumed"):
         save_checkpoint(os.path.join(base, "chatsft_checkpoints", tag), 3, model.state_dict(), None,
                         {"step": 3, "model_config": config})
     with environment(NANOCHAT_BASE_DIR=base, NANOCHAT_TASKS_URL=f"file://{data}"):
@@ -328,6 +328,28 @@ def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monk
     assert_same_rl_run(rl_folder(rl_base, "d1"), folder)
     final = json.load(open(os.path.join(folder, "meta_000004.json")))["loop_state"]["machine_choices"]
     assert final == saved and torch.get_num_threads() == saved["threads"]
+
+
+def test_chat_rl_compiled_resumed_equals_the_uninterrupted_run(rl_base, monkeypatch):
+    # --compile=true: compiled rollouts (live weights) and training passes; the resumed run samples the same
+    # rollouts, skips the same all-zero-advantage passes and trains to the same weights
+    import nanochat.rl
+    compiled = [*RL, "--compile=true"]
+    assert run_script("scripts.chat_rl", [*compiled, "-g", "compiled"]) == 0
+    real = nanochat.rl.rollouts
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # during step 1's rollouts
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nanochat.rl, "rollouts", interrupted)
+    assert run_script("scripts.chat_rl", [*compiled, "-g", "compiled_resumed"]) == 0
+    monkeypatch.setattr(nanochat.rl, "rollouts", real)
+    assert run_script("scripts.chat_rl", [*compiled, "-g", "compiled_resumed", "--resume_from_step=2"]) == 0
+    assert_same_rl_run(rl_folder(rl_base, "compiled"), rl_folder(rl_base, "compiled_resumed"))
 
 
 def assert_same_rl_run(full_folder, other_folder, exact=True):
