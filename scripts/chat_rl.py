@@ -175,7 +175,7 @@ use_compile = use_torch_compile(compile, saved_choices, device, eager_training_s
 train_model = compiled_policy(model) if use_compile else model
 row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
 # Rollouts on torch's thread count, not the faster of two timed ones: a timing must not change what is sampled.
-# On CPU a long run's are compiled too (seconds, once per batch size): ~1.5x eager at batch 8 (dev/bench_rl.py).
+# On CPU a long run's are compiled too (seconds, once per batch size): 1.6x eager's tok/s at batch 8 (dev/bench_rl.py).
 rollout_mode = decode_mode or ("compile" if device.type == "cpu" and use_compile else None)
 engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=rollout_mode, timed_threads=False,
                 live_weights=True)

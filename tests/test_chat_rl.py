@@ -303,11 +303,9 @@ def test_chat_rl_compiled_samples_the_same_first_rollouts_and_trains_alike(rl_ba
     assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-4, abs=1e-6)
 
 
-def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monkeypatch, another_machine):
-    """Also where the start-up measurements would now choose otherwise (threads, Newton-Schulz dtype)."""
+def run_stopped_by_ctrl_c(monkeypatch, args):
+    """chat_rl with args, sent SIGINT during step 1's rollouts: it saves that step and stops."""
     import nanochat.rl
-    if not os.path.exists(rl_folder(rl_base, "d1")):
-        assert run_script("scripts.chat_rl", [*RL, "-g", "d1"]) == 0
     real = nanochat.rl.rollouts
     calls = []
 
@@ -318,8 +316,15 @@ def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(nanochat.rl, "rollouts", interrupted)
-    assert run_script("scripts.chat_rl", [*RL, "-g", "resumed"]) == 0
+    assert run_script("scripts.chat_rl", args) == 0
     monkeypatch.setattr(nanochat.rl, "rollouts", real)
+
+
+def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monkeypatch, another_machine):
+    """Also where the start-up measurements would now choose otherwise (threads, Newton-Schulz dtype)."""
+    if not os.path.exists(rl_folder(rl_base, "d1")):
+        assert run_script("scripts.chat_rl", [*RL, "-g", "d1"]) == 0
+    run_stopped_by_ctrl_c(monkeypatch, [*RL, "-g", "resumed"])
     folder = rl_folder(rl_base, "resumed")
     assert os.path.exists(os.path.join(folder, "model_000002.pt")) and os.path.exists(os.path.join(folder, "meta_000002.json"))
     saved = json.load(open(os.path.join(folder, "meta_000002.json")))["loop_state"]["machine_choices"]
@@ -333,21 +338,10 @@ def test_chat_rl_resumed_after_ctrl_c_equals_the_uninterrupted_run(rl_base, monk
 def test_chat_rl_compiled_resumed_equals_the_uninterrupted_run(rl_base, monkeypatch):
     # --compile=true: compiled rollouts (live weights) and training passes; the resumed run samples the same
     # rollouts, skips the same all-zero-advantage passes and trains to the same weights
-    import nanochat.rl
     compiled = [*RL, "--compile=true"]
+    shutil.rmtree(rl_folder(rl_base, "compiled"), ignore_errors=True)
     assert run_script("scripts.chat_rl", [*compiled, "-g", "compiled"]) == 0
-    real = nanochat.rl.rollouts
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # during step 1's rollouts
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(nanochat.rl, "rollouts", interrupted)
-    assert run_script("scripts.chat_rl", [*compiled, "-g", "compiled_resumed"]) == 0
-    monkeypatch.setattr(nanochat.rl, "rollouts", real)
+    run_stopped_by_ctrl_c(monkeypatch, [*compiled, "-g", "compiled_resumed"])
     assert run_script("scripts.chat_rl", [*compiled, "-g", "compiled_resumed", "--resume_from_step=2"]) == 0
     assert_same_rl_run(rl_folder(rl_base, "compiled"), rl_folder(rl_base, "compiled_resumed"))
 
