@@ -70,7 +70,7 @@ class PreparedLinear(nn.Module):
         if pack not in (None, "eager", "live"):
             raise ValueError(f"pack must be None, 'eager' or 'live', got {pack!r}")
         self.dtype, self.pack = dtype, pack
-        weight = weight.detach().to(dtype, copy=True)
+        weight = weight.detach().to(dtype)  # the model's own tensor when dtype is its dtype: no copy
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack == "eager"
                              else weight, persistent=False)
         if pack == "live":
