@@ -301,7 +301,7 @@ class Decoder:
         if self.failed or batch_size in self.compiled_batch_sizes:
             return self._or_eager(lambda: compiled_step()(decoder, cache, ids), decoder, cache, ids)
         import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
-        print0(f"Engine: compiling the decode step for batch size {batch_size} (seconds; once per process and "
+        print0(f"Engine: compiling the decode step for batch size {batch_size} (seconds; once per process, "
                f"batch size{'' if self.live_weights else ' and weights'})")
 
         def compile_and_run():
