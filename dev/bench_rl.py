@@ -45,10 +45,8 @@ steps = 3  # timed steps per contender, in turn (after one untimed step each)
 # Ours
 dtype = "auto"  # auto|float32|bfloat16: training precision and rollout dtype, as chat_rl's --dtype
 decode_mode = ""  # as chat_rl's --decode_mode ("" = as chat_rl chooses: on CPU compiled when training is)
-train_every_pass = False  # ours computes passes whose advantages are all 0 too, as the reference does (chat_rl skips
-# them: their gradient is exactly 0), to time the training passes themselves
-compile = "true"  # torch.compile our training passes, as chat_rl does for a long run (false: eager, as for a short
-# one); every padded row length the timed steps can meet is compiled before timing
+train_every_pass = False  # also compute the passes whose advantages are all 0 (chat_rl skips them), to time training
+compile = "true"  # torch.compile our training passes, as chat_rl does for a long run (each row length before timing)
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
 configure(globals(), __file__)
 

@@ -47,10 +47,8 @@ from tasks.gsm8k import GSM8K
 run = "dummy"  # wandb run name ("dummy" = no wandb logging)
 device_type = ""  # cuda|cpu|mps ("" = autodetect: CUDA > MPS > CPU)
 dtype = "auto"  # auto|bfloat16|float32: training under bf16 autocast, and the rollouts' decode dtype (auto = measured)
-decode_mode = ""  # eager|compile|cuda_graph for the rollouts ("" = cuda_graph on CUDA; on CPU compile when the
-# training passes are compiled, else eager). Compiled, the decode step reads the weights each step trains (live).
-compile = "auto"  # torch.compile the training passes: auto|true|false (auto = on CUDA; on CPU when the run is long
-# enough: each padded row length, a multiple of 64 tokens, compiles once)
+decode_mode = ""  # rollouts: eager|compile|cuda_graph ("" = cuda_graph on CUDA; on CPU compile if training is)
+compile = "auto"  # torch.compile the training passes: auto|true|false (auto = on CUDA, and on CPU for long runs)
 # Model: the checkpoint RL starts from, and where its own go
 source = "sft"  # -i: sft|mid, the phase whose checkpoint is improved
 model_tag = ""  # <source folder>/<tag> to start from and chatrl_checkpoints/<tag> to write ("" = the largest)
@@ -175,7 +173,8 @@ use_compile = use_torch_compile(compile, saved_choices, device, eager_training_s
 train_model = compiled_policy(model) if use_compile else model
 row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
 # Rollouts on torch's thread count, not the faster of two timed ones: a timing must not change what is sampled.
-# On CPU a long run's are compiled too (seconds, once per batch size): 1.6x eager's tok/s at batch 8 (dev/bench_rl.py).
+# On CPU a long run's are compiled too (seconds, once per batch size), with live weights: the compiled step reads
+# the weights as each step trains them (1.6x eager's tok/s at batch 8, dev/bench_rl.py).
 rollout_mode = decode_mode or ("compile" if device.type == "cpu" and use_compile else None)
 engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=rollout_mode, timed_threads=False,
                 live_weights=True)
