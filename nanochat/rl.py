@@ -8,8 +8,9 @@ come from the current weights.
 
 - rollouts(): the samples of one problem, their rewards, advantages, and the training batch (prompt tokens and
   the tokens the Engine forced, such as calculator output, are not trained on: the Engine's mask 0);
-- policy_gradient_loss(): the loss of one batch of rows (a batch whose advantages are all 0, its problem's rewards
-  all equal, has loss and gradient exactly 0: chat_rl skips it, and zero_missing_grads keeps the step the same);
+- policy_gradient_loss(): the loss of one batch of rows (a batch whose advantages are all 0, as when a problem's
+  0/1 rewards are all equal, has loss and gradient exactly 0: chat_rl skips it, and zero_missing_grads keeps the
+  step the same);
 - compiled_policy(): the model compiled for those passes, its rows padded to COMPILED_ROW_MULTIPLE tokens;
 - sample_outcomes() and pass_at_k(): how many problems one of the first k samples solves, for k = 1..K.
 """

@@ -286,7 +286,7 @@ while True:
         for b0 in range(0, num_samples, device_batch_size):
             inputs, targets = batch.inputs[b0:b0 + device_batch_size], batch.targets[b0:b0 + device_batch_size]
             advantages = batch.advantages[b0:b0 + device_batch_size]
-            if not advantages.any():  # its problem's rewards all equal: loss and gradient exactly 0, not computed
+            if not advantages.any():  # each reward is the problem's mean (0/1 rewards: all equal): zero gradient
                 continue
             # normalised by this pass's valid tokens, the passes and the problems, as the reference does
             normalizer = (targets >= 0).sum().clamp(min=1) * passes_per_example * examples_per_rank

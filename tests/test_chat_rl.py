@@ -89,7 +89,7 @@ def test_untrained_tokens_carry_no_gradient():
 
 
 def test_skipping_passes_whose_advantages_are_all_zero_changes_no_gradient():
-    # chat_rl does not compute a pass whose rows all have advantage 0 (its problem's rewards all equal): computed,
+    # chat_rl does not compute a pass whose rows all have advantage 0 (e.g. a problem's rewards all equal): computed,
     # its gradient is exactly 0, so the step's gradients are the same bits; with every pass skipped they are zeros
     model = tiny_gpt(10)
     with torch.no_grad():
