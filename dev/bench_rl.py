@@ -4,8 +4,8 @@ same checkpoint, the same GSM8K problems and the same sampling seeds, in one pro
 by step: rollouts (sampling every completion with the Engine and the calculator), then the policy-gradient
 forward/backward over them and the optimizer step. The reference runs as its chat_rl runs on a CPU: its Engine
 and GPT in fp32 (its autocast is CUDA's), full logits for the loss. Ours as chat_rl runs here: the decode dtype
-and mode it picks, the chunked loss under the training precision it picks, and no pass whose advantages are all
-0 (--train_every_pass=true computes those too, to time the training passes themselves).
+and mode it picks, the chunked loss under the training precision it picks, each pass's prompt computed once, and
+no pass whose advantages are all 0 (--train_every_pass=true computes those too, to time the training passes).
 
     python -m dev.bench_rl --ref_dir=/path/to/reference --source=sft --model_tag=d4
     python -m dev.bench_rl --ref_dir=... --examples=2 --num_samples=8 --max_new_tokens=128 --steps=3
@@ -28,8 +28,8 @@ from nanochat.common import autodetect_device_type, compute_init
 from nanochat.configurator import configure
 from nanochat.decode import choose_decode_dtype
 from nanochat.engine import Engine
-from nanochat.rl import (COMPILED_ROW_MULTIPLE, compiled_policy, policy_gradient_loss, rollout_seed, rollouts,
-                         training_rows, zero_missing_grads)
+from nanochat.rl import (COMPILED_ROW_MULTIPLE, policy, policy_gradient_loss, rollout_seed, rollouts, training_rows,
+                         zero_missing_grads)
 from tasks.gsm8k import GSM8K
 
 # Model and problems
@@ -69,18 +69,19 @@ use_compile = compile == "true"
 rollout_mode = decode_mode or ("compile" if device.type == "cpu" and use_compile else None)
 engine = Engine(model, tokenizer, dtype=rollout_dtype, decode_mode=rollout_mode, timed_threads=False,
                 live_weights=True)
-train_model = compiled_policy(model) if use_compile else model
+token_losses = policy(model, compile=use_compile)
 row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
 
 
 def compile_row_lengths():
-    """One training pass per padded row length the timed problems can reach (up to their longest prompt plus
-    max_new_tokens), so that compiling is not timed; the gradients are thrown away."""
-    longest = max(len(tokenizer.render_for_completion(task[i])) for i in range(examples)) + max_new_tokens
-    for length in range(row_multiple, longest + row_multiple, row_multiple):
+    """One training pass per padded length of the rows after the prompt (the last prompt token and up to
+    max_new_tokens more), so that compiling is not timed; the gradients are thrown away."""
+    prefix = torch.zeros(1, 2 * row_multiple + 1, dtype=torch.long, device=device)  # any length: it is symbolic
+    for length in range(row_multiple, max_new_tokens + row_multiple, row_multiple):
         rows = torch.zeros(device_batch_size, length, dtype=torch.long, device=device)
+        advantages = torch.ones(device_batch_size, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            policy_gradient_loss(train_model, rows, rows, torch.ones(device_batch_size, device=device), 1.0).backward()
+            policy_gradient_loss(token_losses, prefix, rows, rows, advantages, 1.0).backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -98,7 +99,7 @@ def our_step(step):
                 continue
             normalizer = (targets >= 0).sum().clamp(min=1) * passes * examples
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                policy_gradient_loss(train_model, inputs, targets, advantages, normalizer).backward()
+                policy_gradient_loss(token_losses, batch.prefix, inputs, targets, advantages, normalizer).backward()
             rows += batch.row_tokens // passes
             trained_passes += 1
     zero_missing_grads(model)
@@ -152,7 +153,7 @@ print(f"Ours: rollouts in {str(rollout_dtype)[6:]} ({rollout_mode or 'default'} 
 if use_compile:
     t0 = time.perf_counter()
     compile_row_lengths()
-    print(f"Compiling our training pass for each row length: {time.perf_counter() - t0:.0f} s")
+    print(f"Compiling our training pass for each row length after the prompt: {time.perf_counter() - t0:.0f} s")
 contenders = {"reference": reference_step, "ours": our_step} if ref_dir else {"ours": our_step}
 results = {name: [] for name in contenders}
 for step in range(steps + 1):  # step 0 warms up (compiles, if ours does)

@@ -34,8 +34,8 @@ from nanochat.configurator import configure
 from nanochat.decode import check_mode as check_decode_mode, choose_decode_dtype
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.rl import (COMPILED_ROW_MULTIPLE, compiled_policy, pass_at_k, policy_gradient_loss, rollouts,
-                         sample_outcomes, zero_missing_grads)
+from nanochat.rl import (COMPILED_ROW_MULTIPLE, pass_at_k, policy, policy_gradient_loss, rollouts, sample_outcomes,
+                         zero_missing_grads)
 from nanochat.training import (StepLog, StopRequest, warn_changed_settings, saved_machine_choices, machine_choices,
                                use_bf16_autocast, use_torch_compile, finetuning_optimizers, reuse_thread_count)
 from tasks.gsm8k import GSM8K
@@ -163,14 +163,14 @@ elif "rollouts" in saved_choices:
 else:
     rollout_dtype = choose_decode_dtype(device)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
-# Compiled, the training rows are padded to a multiple of 64 tokens: one compile per length (up to
-# ceil((prompt + max_new_tokens) / 64) of them, GSM8K prompts taken as up to 256 tokens), each paid back once eager
-# training would take 30 s longer.
+# Compiled, the rows after the prompt are padded to a multiple of 32 tokens: one compile per length (~10 s at
+# depth 4 on CPU; the prompt's length is symbolic), up to ceil(max_new_tokens / 32) of them, each paid back once
+# eager training would take 30 s longer.
 eager_training_seconds = (num_flops_per_token * num_iterations * examples_per_step * num_samples * max_new_tokens
                           / (0.2 * peak_flops))
 use_compile = use_torch_compile(compile, saved_choices, device, eager_training_seconds,
-                                shapes=-(-(max_new_tokens + 256) // COMPILED_ROW_MULTIPLE))
-train_model = compiled_policy(model) if use_compile else model
+                                shapes=-(-max_new_tokens // COMPILED_ROW_MULTIPLE))
+token_losses = policy(model, compile=use_compile)
 row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
 # Rollouts on torch's thread count, not the faster of two timed ones: a timing must not change what is sampled.
 # On CPU a long run's are compiled too (seconds, once per batch size), with live weights: the compiled step reads
@@ -291,7 +291,7 @@ while True:
             # normalised by this pass's valid tokens, the passes and the problems, as the reference does
             normalizer = (targets >= 0).sum().clamp(min=1) * passes_per_example * examples_per_rank
             with autocast_ctx:
-                loss = policy_gradient_loss(train_model, inputs, targets, advantages, normalizer)
+                loss = policy_gradient_loss(token_losses, batch.prefix, inputs, targets, advantages, normalizer)
             loss.backward()
             loss_sum += loss.detach()
             rows_tokens += batch.row_tokens // passes_per_example

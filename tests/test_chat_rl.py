@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_gpt
-from nanochat.rl import (compiled_policy, pass_at_k, policy_gradient_loss, rollout_seed, rollouts, training_rows,
+from nanochat.rl import (pass_at_k, policy, policy_gradient_loss, rollout_seed, rollouts, training_rows,
                          zero_missing_grads)
 from conftest import environment
 from test_chat_stages import read_log, run_script
@@ -36,10 +36,13 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def tiny_gpt(vocab_size, seed=0, n_head=2):
+def tiny_gpt(vocab_size, seed=0, n_head=2, n_kv_head=None, n_layer=1):
     torch.manual_seed(seed)
-    return build_gpt(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=n_head, n_kv_head=n_head,
-                               n_embd=32))
+    return build_gpt(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                               n_kv_head=n_kv_head or n_head, n_embd=32))
+
+
+NO_PREFIX = torch.zeros(1, 0, dtype=torch.long)  # rows that share nothing: each computed whole
 
 
 # -----------------------------------------------------------------------------
@@ -50,15 +53,16 @@ def test_policy_gradient_loss_equals_a_hand_computation():
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(0, 20, (1, 4), generator=g)  # the prompt the three rows share (computed once)
     inputs = torch.randint(0, 20, (3, 7), generator=g)
     targets = torch.randint(0, 20, (3, 7), generator=g)
-    targets[0, :3] = -1  # a prompt
+    targets[0, :3] = -1  # untrained
     targets[1, 4:] = -1  # padding
     targets[2, 2] = -1  # a token the calculator forced
     advantages = torch.tensor([0.5, -0.25, -0.25])
-    loss = policy_gradient_loss(model, inputs, targets, advantages, normalizer=11.0)
-    with torch.no_grad():
-        log_probs = F.log_softmax(model(inputs), dim=-1)  # (3, 7, V), the soft-capped logits
+    loss = policy_gradient_loss(policy(model), prefix, inputs, targets, advantages, normalizer=11.0)
+    with torch.no_grad():  # the whole rows, prompt included: (3, 4 + 7, V), the soft-capped logits
+        log_probs = F.log_softmax(model(torch.cat([prefix.expand(3, -1), inputs], dim=1)), dim=-1)[:, 4:]
     expected = 0.0
     for b in range(3):
         for t in range(7):
@@ -78,13 +82,13 @@ def test_untrained_tokens_carry_no_gradient():
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     advantages = torch.tensor([1.0, -1.0])
-    base = policy_gradient_loss(model, inputs, targets, advantages, 3.0)
+    base = policy_gradient_loss(policy(model), NO_PREFIX, inputs, targets, advantages, 3.0)
     changed = targets.clone()
     for b, t in ((0, 0), (0, 3), (1, 4)):  # what a masked target would have been makes no difference
         changed[b, t] = -1
-    assert torch.equal(policy_gradient_loss(model, inputs, changed, advantages, 3.0), base)
+    assert torch.equal(policy_gradient_loss(policy(model), NO_PREFIX, inputs, changed, advantages, 3.0), base)
     model.zero_grad()
-    policy_gradient_loss(model, inputs, torch.full_like(targets, -1), advantages, 3.0).backward()
+    policy_gradient_loss(policy(model), NO_PREFIX, inputs, torch.full_like(targets, -1), advantages, 3.0).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # nothing trained: no gradient
 
 
@@ -104,7 +108,7 @@ def test_skipping_passes_whose_advantages_are_all_zero_changes_no_gradient():
         for inputs, targets, advantages in (passes[i] for i in which):
             if skip and not advantages.any():
                 continue
-            policy_gradient_loss(model, inputs, targets, advantages, 7.0).backward()
+            policy_gradient_loss(policy(model), NO_PREFIX, inputs, targets, advantages, 7.0).backward()
         zero_missing_grads(model)
         return [p.grad.clone() for p in model.parameters()]
 
@@ -114,29 +118,38 @@ def test_skipping_passes_whose_advantages_are_all_zero_changes_no_gradient():
     assert any(t.any() for t in grads(True, (0, 1, 2))) and not any(t.any() for t in grads(True, (1,)))
 
 
-def test_rows_padded_for_a_compiled_model_give_the_same_loss_and_gradients():
-    # chat_rl --compile=true pads the rows to a multiple of 64 tokens (one compile per length): padding trains nothing
-    sequences = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 7]]
-    masks = [[0, 0, 0, 1, 0, 1], [0, 0, 0, 1]]
-    inputs, targets = training_rows(sequences, masks, pad_id=9, device="cpu")
-    padded_inputs, padded_targets = training_rows(sequences, masks, pad_id=9, device="cpu", multiple=8)
-    assert padded_inputs.shape == (2, 8) and torch.equal(padded_inputs[:, :5], inputs)
-    assert torch.equal(padded_targets[:, :5], targets) and (padded_targets[:, 5:] == -1).all()
-    model = tiny_gpt(10)
+def test_the_prompt_computed_once_gives_the_whole_rows_loss_and_gradients():
+    # A pass's rows are samples of one prompt: chat_rl computes the prompt once (SharedPrefix) and pads the rows
+    # after it (to a multiple of 32 tokens when compiled). Neither may change the loss or a gradient: in fp32 they
+    # equal the whole rows' computed apart (grouped-query attention: the expanded keys and values too).
+    prompt = [1, 2, 3, 4, 5]
+    sequences = [prompt + [6, 7, 8, 9], prompt + [7, 6], prompt + [8, 9, 9, 6, 7, 8]]
+    masks = [[0] * 5 + [1, 0, 1, 1], [0] * 5 + [1, 1], [0] * 5 + [1] * 6]  # row 0: token 7 was forced
+    whole_inputs, whole_targets = training_rows(sequences, masks, pad_id=9, device="cpu")
+    shared = len(prompt) - 1
+    prefix = torch.tensor([prompt[:shared]])
+    rows = [s[shared:] for s in sequences], [m[shared:] for m in masks]
+    inputs, targets = training_rows(*rows, pad_id=9, device="cpu")
+    padded_inputs, padded_targets = training_rows(*rows, pad_id=9, device="cpu", multiple=8)
+    assert torch.equal(torch.cat([prefix.expand(3, -1), inputs], dim=1), whole_inputs)
+    assert torch.equal(whole_targets[:, shared:], targets) and (whole_targets[:, :shared] == -1).all()
+    assert padded_inputs.shape == (3, 8) and (padded_targets[:, targets.size(1):] == -1).all()
+    model = tiny_gpt(10, n_head=4, n_kv_head=2, n_layer=2)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
-    advantages = torch.tensor([1.0, -0.5])
+    advantages = torch.tensor([1.0, -0.5, 0.25])
 
-    def loss_and_grads(run_model, rows, row_targets):
+    def loss_and_grads(token_losses, *batch):
         model.zero_grad(set_to_none=True)
-        loss = policy_gradient_loss(run_model, rows, row_targets, advantages, 3.0)
+        loss = policy_gradient_loss(token_losses, *batch, advantages, 3.0)
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
-    expected = loss_and_grads(model, inputs, targets)
-    for got in (loss_and_grads(model, padded_inputs, padded_targets),
-                loss_and_grads(compiled_policy(model), padded_inputs, padded_targets)):
+    expected = loss_and_grads(policy(model), NO_PREFIX, whole_inputs, whole_targets)
+    for got in (loss_and_grads(policy(model), prefix, inputs, targets),
+                loss_and_grads(policy(model), prefix, padded_inputs, padded_targets),
+                loss_and_grads(policy(model, compile=True), prefix, padded_inputs, padded_targets)):
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
@@ -190,7 +203,8 @@ def train_on_one_word(zero_advantages, steps=30):
         batch = rollouts(engine, tokenizer, task, 0, step, num_samples=16, batch_size=16, max_new_tokens=2)
         advantages = torch.zeros_like(batch.advantages) if zero_advantages else batch.advantages
         normalizer = (batch.targets >= 0).sum().clamp(min=1)
-        policy_gradient_loss(model, batch.inputs, batch.targets, advantages, normalizer).backward()
+        policy_gradient_loss(policy(model), batch.prefix, batch.inputs, batch.targets, advantages,
+                             normalizer).backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
