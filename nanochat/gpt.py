@@ -61,16 +61,24 @@ EXPLICIT_ATTENTION_MAX_SCORES = 2 ** 24  # 64 MB of fp32 scores per layer
 
 
 def causal_attention(q, k, v, enable_gqa):
-    """Causal self-attention of q (B, H, T, D) over k, v (B, H_kv, T, D): SDPA's result, by the fastest route."""
+    """
+    Causal self-attention of q (B, H, T, D) over k, v (B, H_kv, T_k, D), SDPA's result, by the fastest route. With
+    T_k > T the first T_k - T keys are a prefix (cached, or shared by the rows) that every query sees; the last T
+    are the queries' own, seen causally.
+    """
     B, H, T, D = q.shape
+    T_k = k.size(2)
     explicit = (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.dtype == v.dtype == torch.bfloat16
-                and B * H * T * T <= EXPLICIT_ATTENTION_MAX_SCORES)
+                and B * H * T * T_k <= EXPLICIT_ATTENTION_MAX_SCORES)
     if not explicit:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        if T_k == T:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        visible = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=enable_gqa)
     if enable_gqa:  # each key/value head serves H / H_kv consecutive query heads
         k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() * D ** -0.5  # (B, H, T, T); the softmax in fp32
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    scores = (q @ k.transpose(-2, -1)).float() * D ** -0.5  # (B, H, T, T_k); the softmax in fp32
+    future = torch.ones(T, T_k, dtype=torch.bool, device=q.device).triu(diagonal=T_k - T + 1)
     weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
     return weights.to(v.dtype) @ v
 
@@ -140,12 +148,15 @@ class CausalSelfAttention(nn.Module):
         if isinstance(pos, torch.Tensor):
             visible = (kv_cache.positions <= pos).view(1, -1)  # (1, capacity)
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
-        if pos == 0:  # nothing cached before: plain causal attention
-            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-        if T == 1:  # one new token sees everything
+        if T == 1 and pos > 0:  # one new token sees everything
             if q.device.type == "cpu" and torch.compiler.is_compiling():
                 return attend_one_query(q, keys, values)
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        if torch.is_grad_enabled():  # training rows after a prefix they share (nanochat/rl.py): training's route
+            return causal_attention(q, keys, values, enable_gqa=gqa)
+        # a prefill: without a backward, SDPA's kernel is the faster on CPU too
+        if pos == 0:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
         visible = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
 

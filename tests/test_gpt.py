@@ -162,15 +162,17 @@ def test_setup_optimizers_groups_and_lrs():
             assert group["initial_lr"] == group["lr"]
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_explicit_cpu_attention_is_as_accurate_as_sdpa_in_bf16(n_kv_head, monkeypatch):
+@pytest.mark.parametrize("n_kv_head, prefix", [(4, 0), (2, 0), (2, 40)])
+def test_explicit_cpu_attention_is_as_accurate_as_sdpa_in_bf16(n_kv_head, prefix, monkeypatch):
+    # prefix: keys and values before the queries' own (a cache, or the prompt the RL rows share), seen by all
     from nanochat import gpt
     g = torch.Generator().manual_seed(0)
     B, H, T, D = 2, 4, 96, 64
     # unit-RMS rows, as after the model's QK norm
     q = F.rms_norm(torch.randn(B, H, T, D, generator=g), (D,))
-    k = F.rms_norm(torch.randn(B, n_kv_head, T, D, generator=g), (D,)) * 3
-    v = torch.randn(B, n_kv_head, T, D, generator=g)
+    k = F.rms_norm(torch.randn(B, n_kv_head, prefix + T, D, generator=g), (D,)) * 3
+    v = torch.randn(B, n_kv_head, prefix + T, D, generator=g)
+    visible = torch.ones(T, prefix + T, dtype=torch.bool).tril(diagonal=prefix)
     grad_out = torch.randn(B, H, T, D, generator=g)
     gqa = n_kv_head != H
 
@@ -180,8 +182,8 @@ def test_explicit_cpu_attention_is_as_accurate_as_sdpa_in_bf16(n_kv_head, monkey
         out.backward(grad_out.to(dtype))
         return [out.double()] + [t.grad.double() for t in inputs]
 
-    exact = run(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=gqa), torch.float64)
-    sdpa = run(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=gqa), torch.bfloat16)
+    exact = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=visible, enable_gqa=gqa), torch.float64)
+    sdpa = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=visible, enable_gqa=gqa), torch.bfloat16)
     sdpa_calls = []
     monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1))
     explicit = run(lambda *t: gpt.causal_attention(*t, enable_gqa=gqa), torch.bfloat16)
@@ -199,6 +201,10 @@ def test_attention_goes_to_sdpa_for_fp32_and_large_problems(monkeypatch):
     # fp32 (the reference's numerics): exactly SDPA
     assert torch.equal(gpt.causal_attention(q, k, v, enable_gqa=False),
                        F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    # with the first 6 keys a prefix every query sees
+    visible = torch.ones(10, 16, dtype=torch.bool).tril(diagonal=6)
+    assert torch.equal(gpt.causal_attention(q[:, :, 6:], k, v, enable_gqa=False),
+                       F.scaled_dot_product_attention(q[:, :, 6:], k, v, attn_mask=visible))
     sdpa_calls = []
     real_sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(gpt.F, "scaled_dot_product_attention",
