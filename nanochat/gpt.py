@@ -60,16 +60,17 @@ def apply_rotary_emb(x, cos, sin):
 EXPLICIT_ATTENTION_MAX_SCORES = 2 ** 24  # 64 MB of fp32 scores per layer
 
 
-def causal_attention(q, k, v, enable_gqa):
+def causal_attention(q, k, v, enable_gqa, explicit_allowed=True):
     """
     Causal self-attention of q (B, H, T, D) over k, v (B, H_kv, T_k, D), SDPA's result, by the fastest route. With
     T_k > T the first T_k - T keys are a prefix (cached, or shared by the rows) that every query sees; the last T
-    are the queries' own, seen causally.
+    are the queries' own, seen causally. explicit_allowed=False: SDPA always (an inference prefill: without a
+    backward to run, its kernel is the faster on CPU too).
     """
     B, H, T, D = q.shape
     T_k = k.size(2)
-    explicit = (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.dtype == v.dtype == torch.bfloat16
-                and B * H * T * T_k <= EXPLICIT_ATTENTION_MAX_SCORES)
+    explicit = (explicit_allowed and q.device.type == "cpu" and q.dtype == torch.bfloat16
+                and k.dtype == v.dtype == torch.bfloat16 and B * H * T * T_k <= EXPLICIT_ATTENTION_MAX_SCORES)
     if not explicit:
         if T_k == T:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
@@ -152,13 +153,8 @@ class CausalSelfAttention(nn.Module):
             if q.device.type == "cpu" and torch.compiler.is_compiling():
                 return attend_one_query(q, keys, values)
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
-        if torch.is_grad_enabled():  # training rows after a prefix they share (nanochat/rl.py): training's route
-            return causal_attention(q, keys, values, enable_gqa=gqa)
-        # a prefill: without a backward, SDPA's kernel is the faster on CPU too
-        if pos == 0:
-            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-        visible = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
+        # a prefill, or training rows after the prompt they share (nanochat/rl.py), which take training's route
+        return causal_attention(q, keys, values, enable_gqa=gqa, explicit_allowed=torch.is_grad_enabled())
 
 
 class MLP(nn.Module):

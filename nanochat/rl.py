@@ -136,20 +136,18 @@ COMPILED_ROW_MULTIPLE = 32  # a compiled policy's rows after the prompt are padd
 def policy(model, compile=False):
     """
     prefix_shared_losses of the model, as a function of (prefix, inputs, targets). Compiled: the prompt's length is
-    a symbolic size (one graph for every prompt), the rows' length fixed (the chunked loss unrolls a loop over it):
-    one compiled function per multiple of COMPILED_ROW_MULTIPLE. Apart, each compiles in ~10 s at depth 4 on CPU;
-    as recompiles of one function, 30-45 s (torch 2.13).
+    a symbolic size (one graph for every prompt), the rows' length fixed (the chunked loss unrolls a loop over it),
+    one graph per multiple of COMPILED_ROW_MULTIPLE: 35-45 s each to compile at depth 4 on CPU (less when
+    inductor's on-disk cache has it).
     """
     if not compile:
         return partial(prefix_shared_losses, model)
-    torch._dynamo.config.recompile_limit = 64  # dynamo counts the functions' graphs together
-    by_length = {}
+    torch._dynamo.config.recompile_limit = 64
+    compiled = torch.compile(prefix_shared_losses, dynamic=False)
 
     def compiled_losses(prefix, inputs, targets):
-        if inputs.size(1) not in by_length:
-            by_length[inputs.size(1)] = torch.compile(prefix_shared_losses, dynamic=False)
         torch._dynamo.maybe_mark_dynamic(prefix, 1)
-        return by_length[inputs.size(1)](model, prefix, inputs, targets)
+        return compiled(model, prefix, inputs, targets)
     return compiled_losses
 
 

@@ -163,13 +163,13 @@ elif "rollouts" in saved_choices:
 else:
     rollout_dtype = choose_decode_dtype(device)
 peak_flops = hardware.peak_flops(device, dtype=torch.bfloat16 if use_bf16 else torch.float32) * ddp_world_size
-# Compiled, the rows after the prompt are padded to a multiple of 32 tokens: one compile per length (~10 s at
-# depth 4 on CPU; the prompt's length is symbolic), up to ceil(max_new_tokens / 32) of them, each paid back once
-# eager training would take 30 s longer.
+# Compiled, the rows after the prompt are padded to a multiple of 32 tokens: one compile per length, up to
+# ceil(max_new_tokens / 32) of them, each (the prompt's length symbolic) as long as two plain compiles (35-45 s at
+# depth 4 on CPU), paid back once eager training would take 30 s longer per plain compile.
 eager_training_seconds = (num_flops_per_token * num_iterations * examples_per_step * num_samples * max_new_tokens
                           / (0.2 * peak_flops))
 use_compile = use_torch_compile(compile, saved_choices, device, eager_training_seconds,
-                                shapes=-(-max_new_tokens // COMPILED_ROW_MULTIPLE))
+                                shapes=2 * -(-max_new_tokens // COMPILED_ROW_MULTIPLE))
 token_losses = policy(model, compile=use_compile)
 row_multiple = COMPILED_ROW_MULTIPLE if use_compile else 1
 # Rollouts on torch's thread count, not the faster of two timed ones: a timing must not change what is sampled.
