@@ -99,10 +99,10 @@ class KVCache:
         self.positions = torch.arange(self.seq_len, device=device)  # what the model masks by
         self.pos = torch.tensor(self.pos, device=device)
 
-    def prefill(self, other):
+    def prefill(self, other, dtype=None):
         """
-        Copy the filled part of another cache into this one. other may have batch size 1 and is
-        then broadcast to every row: one prompt prefill shared by num_samples samples.
+        Copy the filled part of another cache into this one, in dtype (None: other's). other may have batch
+        size 1 and is then broadcast to every row: one prompt prefill shared by num_samples samples.
         """
         if other.k is None:
             raise ValueError("prefill source cache is empty: run a forward pass with it first")
@@ -117,7 +117,7 @@ class KVCache:
             raise ValueError(f"prefill source batch size must be 1 or {self.batch_size}, got {other.batch_size}")
         self.seq_len = max(self.seq_len, other.pos)
         self.k, self.v, self.pos = other.k, other.v, other.pos
-        self._allocate(other.k[0].dtype, other.k[0].device, keep=other.pos)
+        self._allocate(dtype or other.k[0].dtype, other.k[0].device, keep=other.pos)
 
 
 def sample_next_token(logits, generator, temperature=1.0, top_k=None):
@@ -209,9 +209,13 @@ class Engine:
         # generation (rounded up, so compiled steps serve prompts of similar lengths); it never grows.
         capacity = -(-(len(tokens) + max_tokens) // 256) * 256
         kv_shape = dict(num_heads=config.n_kv_head, head_dim=config.n_embd // config.n_head, num_layers=config.n_layer)
-        # On CPU the cache and attention stay fp32 whatever the decode dtype: bf16 attention is slower there
-        # (dev/bench_engine.py --dtypes); elsewhere the cache is in the decode dtype.
+        # On CPU the prefill's cache and attention stay fp32 whatever the decode dtype: SDPA is slower there in bf16
+        # (dev/bench_engine.py --dtypes), and so are eager decode steps. Compiled steps attend in generated code that
+        # streams the cache once per step, so it is half the bytes in bf16: ~1.1x a batch-8 step. Elsewhere the
+        # cache is in the decode dtype.
         cache_dtype = torch.float32 if device.type == "cpu" else dtype
+        compiled_on_cpu = device.type == "cpu" and self.decoder.mode == "compile" and not self.decoder.failed
+        decode_cache_dtype = dtype if compiled_on_cpu else cache_dtype
         prefill_cache = KVCache(1, seq_len=capacity, dtype=cache_dtype, device=device, **kv_shape)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != weight_dtype):
@@ -220,11 +224,11 @@ class Engine:
         logits = logits.expand(num_samples, -1)  # (num_samples, V)
 
         # 2) one cache row per sample, starting from the shared prompt
-        if num_samples == 1:
+        if num_samples == 1 and decode_cache_dtype == cache_dtype:
             cache = prefill_cache
         else:
             cache = KVCache(num_samples, seq_len=capacity, **kv_shape)
-            cache.prefill(prefill_cache)
+            cache.prefill(prefill_cache, dtype=decode_cache_dtype)
         del prefill_cache
 
         # 3) decode

@@ -173,6 +173,11 @@ def test_kv_cache_prefill_broadcasts_batch_one():
     new = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 1, 4)
     big.insert(0, new, new)
     assert torch.equal(big.k[0][:, :, 3:4], new)
+    # a compiled CPU decode keeps its cache in bf16: the fp32 prefill is rounded once on the way in
+    half = KVCache(batch_size=3, num_heads=2, seq_len=10, head_dim=4, num_layers=2)
+    half.prefill(small, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.get_pos() == 3
+    assert torch.equal(half.v[1][2, :, :3], (2 * prompt[0]).bfloat16())
     # incompatible shapes are refused with a message
     with pytest.raises(ValueError):
         KVCache(batch_size=3, num_heads=5, seq_len=10, head_dim=4, num_layers=2).prefill(small)
