@@ -58,6 +58,10 @@ def apply_rotary_emb(x, cos, sin):
 # errors against fp64 alike (dev/profile_step.py shows its share of a step). It holds the (B, H, T, T)
 # scores, so larger problems, fp32 (the reference's numerics) and GPUs use SDPA.
 EXPLICIT_ATTENTION_MAX_SCORES = 2 ** 24  # 64 MB of fp32 scores per layer
+# The explicit route takes the queries in this many blocks, each against the keys up to its last query only: the
+# masked scores past that are never computed (with 4 blocks 5/8 of the causal square is), and masked keys weigh
+# exactly 0 either way. Forward + backward of one d4 layer in bf16, compiled: 45 -> 24 ms (2 blocks: 25 ms).
+EXPLICIT_ATTENTION_QUERY_BLOCKS = 4
 
 
 def causal_attention(q, k, v, enable_gqa, explicit_allowed=True):
@@ -78,10 +82,17 @@ def causal_attention(q, k, v, enable_gqa, explicit_allowed=True):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=enable_gqa)
     if enable_gqa:  # each key/value head serves H / H_kv consecutive query heads
         k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() * D ** -0.5  # (B, H, T, T_k); the softmax in fp32
-    future = torch.ones(T, T_k, dtype=torch.bool, device=q.device).triu(diagonal=T_k - T + 1)
-    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-    return weights.to(v.dtype) @ v
+    prefix = T_k - T
+    block = -(-T // EXPLICIT_ATTENTION_QUERY_BLOCKS)
+    outputs = []
+    for start in range(0, T, block):
+        end = min(T, start + block)
+        seen = prefix + end  # the keys any query of this block may see
+        scores = (q[:, :, start:end] @ k[:, :, :seen].transpose(-2, -1)).float() * D ** -0.5  # the softmax in fp32
+        future = torch.ones(end - start, seen, dtype=torch.bool, device=q.device).triu(diagonal=prefix + start + 1)
+        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        outputs.append(weights.to(v.dtype) @ v[:, :, :seen])
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
 def attend_one_query(q, keys, values):

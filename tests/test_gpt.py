@@ -162,12 +162,13 @@ def test_setup_optimizers_groups_and_lrs():
             assert group["initial_lr"] == group["lr"]
 
 
-@pytest.mark.parametrize("n_kv_head, prefix", [(4, 0), (2, 0), (2, 40)])
-def test_explicit_cpu_attention_is_as_accurate_as_sdpa_in_bf16(n_kv_head, prefix, monkeypatch):
-    # prefix: keys and values before the queries' own (a cache, or the prompt the RL rows share), seen by all
+@pytest.mark.parametrize("n_kv_head, prefix, T", [(4, 0, 96), (2, 0, 96), (2, 40, 96), (2, 7, 50)])
+def test_explicit_cpu_attention_is_as_accurate_as_sdpa_in_bf16(n_kv_head, prefix, T, monkeypatch):
+    # prefix: keys and values before the queries' own (a cache, or the prompt the RL rows share), seen by all;
+    # T = 50: the queries' blocks (EXPLICIT_ATTENTION_QUERY_BLOCKS) do not divide it
     from nanochat import gpt
     g = torch.Generator().manual_seed(0)
-    B, H, T, D = 2, 4, 96, 64
+    B, H, D = 2, 4, 64
     # unit-RMS rows, as after the model's QK norm
     q = F.rms_norm(torch.randn(B, H, T, D, generator=g), (D,))
     k = F.rms_norm(torch.randn(B, n_kv_head, prefix + T, D, generator=g), (D,)) * 3
