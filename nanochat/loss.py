@@ -36,7 +36,13 @@ def _softcap_ce_chunk(x, weight, targets, softcap, grad_scale=None, grad_weight=
     In-place ops: eager mode makes fewer passes over the chunk.
     """
     precision = torch.promote_types(x.dtype, torch.float32)
-    capped = (x @ weight.t()).to(precision).div_(softcap).tanh_().mul_(softcap)  # (n, V)
+    logits = (x @ weight.t()).to(precision)  # (n, V)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # tanh(z) = 2 sigmoid(2z) - 1: on CPU the sigmoid's vectorised exp is cheaper than tanh (a compiled d4 chunk,
+        # matmuls included: 17.9 -> 15.4 ms), and its rounding (~1e-7) is far below that of the bf16 matmul
+        capped = logits.mul_(2 / softcap).sigmoid_().mul_(2 * softcap).sub_(softcap)
+    else:
+        capped = logits.div_(softcap).tanh_().mul_(softcap)
     logsumexp = torch.logsumexp(capped, dim=-1)
     valid = targets >= 0
     safe_targets = torch.where(valid, targets, 0)[:, None]  # ignored rows read logit 0, then get loss 0
