@@ -48,9 +48,17 @@ def apply_rotary_emb(x, cos, sin):
     """
     Rotate the two halves of each head of x (B, T, H, D): (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin), by the
     tables of GPT.rotary_tables (1, T, 1, D) = [cos, cos] and [sin, -sin]. Written as x cos + roll(x) sin, the
-    same products and sums as the two halves apart, in 4 ops instead of 8.
+    same products and sums as the two halves apart, in 4 ops instead of 8. Compiled, the halves are swapped as a
+    flip of a (2, D/2) view instead: the same values, but an index the generated kernels load as vectors, where
+    roll's modular one became a gather per element (one d4 layer's q, k rotary + norm, fwd + bwd: 6.7 -> 3.2 ms).
+    Eager, roll is the faster op.
     """
-    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
+    half = x.size(-1) // 2
+    if torch.compiler.is_compiling():
+        swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    else:
+        swapped = x.roll(half, dims=-1)
+    return x * cos + swapped * sin
 
 
 # On CPU, bf16 causal attention over short sequences is faster written as plain matmuls and a softmax

@@ -59,6 +59,9 @@ def test_rotary_is_the_two_halves_formula_bit_for_bit(dtype):
     x1, x2 = x[..., :8], x[..., 8:]
     halves = torch.cat([x1 * half_cos + x2 * half_sin, x1 * (-half_sin) + x2 * half_cos], dim=-1)
     assert torch.equal(apply_rotary_emb(x, cos, sin), halves)
+    # compiled (another form of the swap), with the model's fp32 tables: x's products are exact in fp32 either way
+    cos, sin = model.cos[:, :16], model.sin[:, :16]
+    assert torch.equal(torch.compile(apply_rotary_emb, fullgraph=True)(x, cos, sin), apply_rotary_emb(x, cos, sin))
 
 
 def test_init_and_flops():
