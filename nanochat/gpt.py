@@ -66,10 +66,13 @@ def apply_rotary_emb(x, cos, sin):
 # errors against fp64 alike (dev/profile_step.py shows its share of a step). It holds the (B, H, T, T)
 # scores, so larger problems, fp32 (the reference's numerics) and GPUs use SDPA.
 EXPLICIT_ATTENTION_MAX_SCORES = 2 ** 24  # 64 MB of fp32 scores per layer
-# The explicit route takes the queries in this many blocks, each against the keys up to its last query only: the
-# masked scores past that are never computed (with 4 blocks 5/8 of the causal square is), and masked keys weigh
-# exactly 0 either way. Forward + backward of one d4 layer in bf16, compiled: 45 -> 24 ms (2 blocks: 25 ms).
+# The explicit route takes the queries in up to this many blocks, each against the keys up to its last query only:
+# the masked scores past that are never computed (with 4 blocks 5/8 of the causal square is), and masked keys weigh
+# exactly 0 either way. Forward + backward of one d4 layer in bf16 (T = 512), compiled: 45 -> 24 ms (2 blocks:
+# 25 ms); eager 57 -> 38 ms. Blocks under 128 queries cost more in per-op overhead than they save (eager, T = 128
+# in 4 blocks: 4.0 -> 5.8 ms), so shorter sequences take fewer blocks or one.
 EXPLICIT_ATTENTION_QUERY_BLOCKS = 4
+EXPLICIT_ATTENTION_MIN_BLOCK = 128
 
 
 def causal_attention(q, k, v, enable_gqa, explicit_allowed=True):
@@ -91,7 +94,7 @@ def causal_attention(q, k, v, enable_gqa, explicit_allowed=True):
     if enable_gqa:  # each key/value head serves H / H_kv consecutive query heads
         k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
     prefix = T_k - T
-    block = -(-T // EXPLICIT_ATTENTION_QUERY_BLOCKS)
+    block = -(-T // max(1, min(EXPLICIT_ATTENTION_QUERY_BLOCKS, T // EXPLICIT_ATTENTION_MIN_BLOCK)))
     outputs = []
     for start in range(0, T, block):
         end = min(T, start + block)
