@@ -45,6 +45,21 @@ def test_newton_schulz_singular_value_band(shape, dtype):
     assert cosine > 0.95
 
 
+@pytest.mark.parametrize("shape", [(2, 24, 40), (40, 24)])
+def test_newton_schulz_is_the_quintic_iteration_written_out(shape):
+    # in fp64 the fused matmuls give the textbook steps: B = b A + c A A, X = a X + B X with A = X X^T
+    from nanochat.muon import NS_COEFFS
+    a, b, c = NS_COEFFS
+    G = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    X = G.mT if shape[-2] > shape[-1] else G
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(5):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    X = X.mT if shape[-2] > shape[-1] else X
+    torch.testing.assert_close(newton_schulz(G, dtype=torch.float64), X, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(3, 48, 96), (2, 96, 48), (300, 100)])
 def test_newton_schulz_random_rectangular(shape):
     # Gaussian matrices with aspect ratio >= 2 are well conditioned: every singular value lands in the band
