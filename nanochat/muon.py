@@ -32,7 +32,7 @@ def newton_schulz(G: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
     for _ in range(steps):
         A = X @ X.mT
         # B = b A + c A A, then X = a X + B X: each one batched matmul with the scaled sum folded in (one rounding
-        # instead of four, and no passes of their own for the scalings and sums: 69 -> 55 ms per d4 step on CPU)
+        # instead of three or four, no passes of their own for the scalings and sums: 69 -> 55 ms per d4 step on CPU)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
     if tall:
