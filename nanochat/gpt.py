@@ -67,10 +67,10 @@ def apply_rotary_emb(x, cos, sin):
 # scores, so larger problems, fp32 (the reference's numerics) and GPUs use SDPA.
 EXPLICIT_ATTENTION_MAX_SCORES = 2 ** 24  # 64 MB of fp32 scores per layer
 # The explicit route takes the queries in up to this many blocks, each against the keys up to its last query only:
-# the masked scores past that are never computed (with 4 blocks 5/8 of the causal square is), and masked keys weigh
-# exactly 0 either way. Forward + backward of one d4 layer in bf16 (T = 512), compiled: 45 -> 24 ms (2 blocks:
-# 25 ms); eager 57 -> 38 ms. Blocks under 128 queries cost more in per-op overhead than they save (eager, T = 128
-# in 4 blocks: 4.0 -> 5.8 ms), so shorter sequences take fewer blocks or one.
+# the masked scores past that are never computed (with 4 blocks, 3/8 of the square: three quarters of its masked
+# half), and masked keys weigh exactly 0 either way. Forward + backward of one d4 layer in bf16 (T = 512),
+# compiled: 45 -> 24 ms (2 blocks: 25 ms); eager 57 -> 38 ms. Blocks under 128 queries cost more in per-op
+# overhead than they save (eager, T = 128 in 4 blocks: 4.0 -> 5.8 ms), so shorter sequences take fewer or one.
 EXPLICIT_ATTENTION_QUERY_BLOCKS = 4
 EXPLICIT_ATTENTION_MIN_BLOCK = 128
 
