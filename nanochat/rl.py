@@ -143,7 +143,7 @@ def policy(model, compile=False):
     """
     if not compile:
         return partial(prefix_shared_losses, model)
-    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.recompile_limit = 64  # one graph per rows' length: more than dynamo's default of 8
     compiled = torch.compile(prefix_shared_losses, dynamic=False)
 
     def compiled_losses(prefix, inputs, targets):

@@ -168,7 +168,8 @@ def test_setup_optimizers_groups_and_lrs():
 @pytest.mark.parametrize("n_kv_head, prefix, T", [(4, 0, 96), (2, 0, 96), (2, 40, 96), (2, 7, 50)])
 def test_explicit_cpu_attention_is_as_accurate_as_sdpa_in_bf16(n_kv_head, prefix, T, monkeypatch):
     # prefix: keys and values before the queries' own (a cache, or the prompt the RL rows share), seen by all;
-    # the queries in blocks of at least 16 (EXPLICIT_ATTENTION_MIN_BLOCK): T = 96 in 4 blocks of 24, T = 50 in 17, 17, 16
+    # the queries in blocks of at least 16 (EXPLICIT_ATTENTION_MIN_BLOCK): T = 96 in 4 blocks of 24,
+    # T = 50 in 17, 17, 16
     from nanochat import gpt
     monkeypatch.setattr(gpt, "EXPLICIT_ATTENTION_MIN_BLOCK", 16)
     g = torch.Generator().manual_seed(0)
