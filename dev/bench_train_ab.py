@@ -13,6 +13,11 @@ background load hits all alike and no contender always runs right after the same
 
 The upstream model is a different design (value embeddings, sliding windows...), so only its speed is
 comparable, not its loss.
+
+malloc's settings are process-wide, so all contenders run under one: by default ours, which keeps freed memory
+for reuse as compute_init has it on CPU (hardware.keep_freed_memory). The reference's and upstream's programs do
+not, so this understates ours. --keep_freed_memory=false runs all under glibc's own; the table shows each
+contender's page faults per step.
 """
 
 ref_dir = ""  # checkout of the reference nanochat (f37d45c); default: $REF_DIR
@@ -20,6 +25,7 @@ upstream_dir = ""  # checkout of upstream nanochat to include in bf16 mode; defa
 steps = 10  # interleaved timed steps per contender
 ours_fp32 = "true"  # true: also ours in fp32 (--dtype=float32 of base_train), when bf16 is what it would choose
 compare_dir = ""  # another checkout of this repository (e.g. before a change), timed like ours (empty: skip)
+keep_freed_memory = "true"  # true: malloc keeps freed memory (our CPU setting), for all; false: glibc's default
 depth = 4  # the model of dev/bench_cpu.sh: width 64 * depth, heads 128 wide
 seq_len = 512
 batch_size = 8
@@ -27,6 +33,7 @@ vocab_size = 8192
 
 import os
 import random
+import resource
 import statistics
 import time
 
@@ -96,6 +103,8 @@ if upstream_dir:
     up_model = build(up_gpt)
     contenders["upstream (bf16)"] = make_step(up_model, [up_model.setup_optimizer()], False, clip=False)
 
+if keep_freed_memory == "true":
+    hardware.keep_freed_memory()
 g = torch.Generator().manual_seed(0)
 batches = [(torch.randint(0, vocab_size, (batch_size, seq_len), generator=g),
             torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)) for _ in range(4)]
@@ -108,24 +117,30 @@ for name, step in contenders.items():  # compile and warm up
     print(f"{name}: compile + 2 warm-up steps {time.perf_counter() - t0:.1f}s", flush=True)
 
 times = {name: [] for name in contenders}
+page_faults = {name: 0 for name in contenders}
 order = random.Random(0)
 for i in range(steps):
     for name in order.sample(list(contenders), len(contenders)):
         step = contenders[name]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         step(*batches[i % len(batches)])
         times[name].append(time.perf_counter() - t0)
+        page_faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 tokens = batch_size * seq_len
 ref_name = next(iter(contenders))
 peak = hardware.peak_flops(torch.device("cpu"), torch.bfloat16)
 flops_per_token = our_model.estimate_flops()
-print(f"\n{'contender':22} {'step ms':>8} {'tok/s':>8} {'vs ref':>7} {'MFU bf16':>9}  paired per-step ratios vs reference")
+print(f"\n{'contender':22} {'step ms':>8} {'tok/s':>8} {'vs ref':>7} {'MFU bf16':>9} {'faults':>7}  "
+      f"paired per-step ratios vs reference")
 for name in contenders:
     median = statistics.median(times[name])
     paired = sorted(round(r / t, 2) for r, t in zip(times[ref_name], times[name]))
     ratio = statistics.median(times[ref_name]) / median
     mfu = flops_per_token * tokens / median / peak  # the same model FLOPs for all (ours and the reference's)
-    print(f"{name:22} {median * 1000:8.0f} {tokens / median:8,.0f} {ratio:6.2f}x {mfu:8.1%}  "
+    print(f"{name:22} {median * 1000:8.0f} {tokens / median:8,.0f} {ratio:6.2f}x {mfu:8.1%} "
+          f"{page_faults[name] / steps:7,.0f}  "
           f"{paired if name != ref_name else ''}")
-print(f"(MFU against the measured bf16 matmul peak, {peak / 1e9:.0f} GFLOP/s; upstream's model has other FLOPs)")
+print(f"(MFU against the measured bf16 matmul peak, {peak / 1e9:.0f} GFLOP/s; upstream's model has other FLOPs; "
+      f"faults: page faults per step; malloc keeps freed memory: {keep_freed_memory})")

@@ -60,6 +60,8 @@ def main():
         torch.set_num_threads(threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # name each compiled CPU kernel in the profile
     device = torch.device(device_type)
+    if device.type == "cpu":
+        hardware.keep_freed_memory()  # as compute_init has it for base_train
     use_bf16 = (hardware.choose_autocast_dtype(device) == torch.bfloat16) if dtype == "auto" else dtype == "bfloat16"
     n_embd = 64 * depth
     n_head = max(1, -(-n_embd // 128))

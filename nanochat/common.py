@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock
 
+from nanochat import hardware
+
 
 def get_base_dir():
     """All intermediates (data, tokenizer, checkpoints, reports) live here; NANOCHAT_BASE_DIR overrides."""
@@ -72,6 +74,8 @@ def compute_init(device_type="cuda", seed=42):
     torch.set_num_threads(torch.get_num_threads())
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # tf32 matmuls
+    if device_type == "cpu":
+        hardware.keep_freed_memory()  # no fresh pages for each step's tensors: a CPU training step ~1.1x faster
 
     ddp, rank, local_rank, world_size = get_dist_info()
     if ddp:

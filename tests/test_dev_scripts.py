@@ -2,8 +2,8 @@
 The measuring scripts in dev/ run end to end at toy size (their numbers are not checked, only that
 they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss), dev/profile_step.py and
 dev/bench_engine.py (decode speed; without the reference), dev/bench_sandbox.py (the sandbox's cost per
-problem), dev/bench_mkl_threading.py, and how dev/reference.py loads another checkout next to ours
-(dev/bench_train_ab.py says what it needs without one).
+problem), dev/bench_mkl_threading.py, dev/bench_allocator.py, and how dev/reference.py loads another
+checkout next to ours (dev/bench_train_ab.py says what it needs without one).
 """
 
 import os
@@ -55,6 +55,11 @@ def test_bench_mkl_threading_compares_a_fresh_process_with_compute_init():
     out = run("dev.bench_mkl_threading", "--rounds=1", "--steps=1")
     assert "each kind computes the same gradients in every process: True" in out
     assert "the two kinds compute bit-identical gradients:" in out and "MKL fixed (compute_init)" in out
+
+
+def test_bench_allocator_times_both_malloc_settings_in_processes_of_their_own():
+    out = run("dev.bench_allocator", "--rounds=1", "--steps=2")
+    assert "round 1 keep :" in out and "round 1 glibc:" in out and "x faster kept" in out
 
 
 def test_load_checkout_points_its_imports_at_its_own_modules(tmp_path):
