@@ -171,8 +171,9 @@ def matrix_bytes(decoder):
 
 
 def run_step(decoder, cache, ids):
-    """ids (B, 1) -> fp32 logits (B, V) of the next position; the cache advances by one."""
-    return decoder(ids, kv_cache=cache)[:, -1]
+    """ids (B, 1) -> logits (B, V) of the next position as the lm_head gives them, in its dtype and before the
+    soft-cap (the sampler upcasts and caps those it keeps: engine.sample_next_token); the cache advances by one."""
+    return decoder(ids, kv_cache=cache, capped=False)[:, -1]
 
 
 def _guards_worth_checking(guards):
@@ -260,7 +261,7 @@ class Decoder:
         return self.prepared
 
     def start(self, model, cache, dtype):
-        """A step function for one generation on this cache: ids (B, 1) -> fp32 logits (B, V)."""
+        """A step function for one generation on this cache: ids (B, 1) -> logits (B, V), as run_step gives them."""
         device = cache.k[0].device
         mode = self.mode or ("cuda_graph" if device.type == "cuda" else "eager")
         if mode == "cuda_graph" and device.type != "cuda":

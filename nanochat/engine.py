@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from nanochat.calculator import use_calculator
 from nanochat.decode import Decoder
+from nanochat.gpt import soft_cap
 
 
 class KVCache:
@@ -120,17 +121,23 @@ class KVCache:
         self._allocate(dtype or other.k[0].dtype, other.k[0].device, keep=other.pos)
 
 
-def sample_next_token(logits, generator, temperature=1.0, top_k=None):
-    """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy; top_k keeps the k largest logits."""
+def sample_next_token(logits, generator, temperature=1.0, top_k=None, cap=None):
+    """
+    logits (B, V) -> next token ids (B, 1). temperature 0 is greedy; top_k keeps the k largest logits.
+    cap: an increasing function that makes the logits given into the model's (gpt.soft_cap, when they are the
+    lm_head's). It changes no logit's rank, so it is applied only to the logits a draw needs: none when greedy,
+    the k kept ones with top_k (capping a batch-8 vocabulary took 65 us of a 1.25 ms compiled depth-4 CPU step).
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
+        return torch.argmax(logits.float(), dim=-1, keepdim=True)  # on CPU, 4x faster in fp32 than in bf16
+    cap = cap or (lambda x: x)
     if top_k is not None:
         values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k)
-        probs = F.softmax(values.float() / temperature, dim=-1)
+        probs = F.softmax(cap(values.float()) / temperature, dim=-1)
         return indices.gather(1, draw_one(probs, generator))
-    return draw_one(F.softmax(logits.float() / temperature, dim=-1), generator)
+    return draw_one(F.softmax(cap(logits.float()) / temperature, dim=-1), generator)
 
 
 def draw_one(probs, generator):
@@ -219,7 +226,7 @@ class Engine:
         prefill_cache = KVCache(1, seq_len=capacity, dtype=cache_dtype, device=device, **kv_shape)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != weight_dtype):
-            logits = self.model(ids, kv_cache=prefill_cache, last_only=True)[:, -1, :]  # (1, V)
+            logits = self.model(ids, kv_cache=prefill_cache, last_only=True, capped=False)[:, -1, :]  # (1, V)
         # every row samples its own first token from the shared prompt logits
         logits = logits.expand(num_samples, -1)  # (num_samples, V)
 
@@ -238,7 +245,7 @@ class Engine:
             if i > 0:
                 step = step or self.decoder.start(self.model, cache, dtype)
                 logits = step(ids)  # (num_samples, V)
-            sampled = sample_next_token(logits, generator, temperature, top_k)[:, 0].tolist()
+            sampled = sample_next_token(logits, generator, temperature, top_k, cap=soft_cap)[:, 0].tolist()
 
             token_column, token_masks = [], []
             for row, sampled_token in zip(rows, sampled):

@@ -39,6 +39,15 @@ class GPTConfig:
     n_embd: int = 768
 
 
+def soft_cap(logits):
+    """The model's logits from the lm_head's: 15 tanh(x / 15), in fp32 (more exact, and faster on CPU than bf16).
+    It is increasing, so the largest logits before it are the largest after it: a sampler may cap only the few it
+    keeps (engine.sample_next_token), instead of the whole vocabulary. (Rounding can tie two capped logits that were
+    not tied: fp32 ones a few ulps apart, or past ~100, where it rounds to 15. Ranking before the cap breaks those
+    ties by the larger logit.)"""
+    return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+
+
 def norm(x):
     # RMSNorm with no weight; eps defaults to the dtype's machine epsilon
     return F.rms_norm(x, (x.size(-1),))
@@ -290,11 +299,13 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]  # LR schedules multiply this
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True):
         """
         idx (B, T) -> logits (B, T, vocab) in fp32, or with targets (B, T) the loss. last_only=True returns
         the logits of the last position only, (B, 1, vocab): all a prefill needs, without the lm_head
         and soft-cap over the other T - 1 positions (half of a 500-token prefill at depth 4).
+        capped=False returns the lm_head's logits before soft_cap, in its dtype (bf16 under bf16 autocast), for a
+        sampler that upcasts and caps only those it keeps.
         """
         B, T = idx.size()
         if idx.device != self.cos.device:
@@ -319,8 +330,8 @@ class GPT(nn.Module):
                                          LOGIT_SOFTCAP, reduction=loss_reduction)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x).float()  # (B, T, vocab_size); fp32 for sampling, also under bf16 autocast
-        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # in fp32: more exact, and faster on CPU than bf16
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        return soft_cap(logits.float()) if capped else logits  # fp32 for sampling, also under bf16 autocast
 
     def rotary_tables(self, start, T):
         """The rotary tables of positions start .. start + T - 1; start may be a tensor on the device (T = 1)."""

@@ -77,7 +77,7 @@ class ScriptedModel(GPT):
         self.script = {tuple(p): list(a) + [assistant_end] for p, a in script.items()}
         self.forward_batch_sizes = []
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True):
         B, T = idx.shape
         self.forward_batch_sizes.append(B)
         rows = idx.tolist()

@@ -12,7 +12,7 @@ from nanochat.calculator import use_calculator
 from nanochat.decode import (PreparedLinear, can_pack_weights, cpu_compile_settings, prepacked_linear, prepare_for_decoding,
                              run_step)
 from nanochat.engine import Engine, KVCache, draw_one, sample_next_token
-from nanochat.gpt import GPT, GPTConfig, build_gpt
+from nanochat.gpt import GPT, GPTConfig, build_gpt, soft_cap
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -273,6 +273,21 @@ def test_draw_one_is_torch_multinomials_draw(rows, width, spread):
     assert torch.equal(ours.get_state(), torchs.get_state())
 
 
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.7, 1), (1.0, 50), (1.3, 8192)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_capping_only_the_kept_logits_draws_what_capping_all_draws(temperature, top_k, dtype):
+    # logits as a bf16 lm_head gives them (or the same values in fp32): many ties among the largest, which top-k
+    # must order as it orders the capped ones; spread 10 puts the largest past the cap's bend (|x| > 15)
+    raw = (torch.randn(8, 8192, generator=torch.Generator().manual_seed(5)) * 10).bfloat16().to(dtype)
+    assert raw[0].max() > 30 and raw[0].topk(50).values.unique().numel() < 40  # ties in the top 50
+    ours, everything = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    draws = [(sample_next_token(raw, ours, temperature, top_k, cap=soft_cap),
+              sample_next_token(soft_cap(raw.float()), everything, temperature, top_k)) for _ in range(50)]
+    assert all(torch.equal(a, b) for a, b in draws)
+    assert len({tuple(a.flatten().tolist()) for a, _ in draws}) > (1 if temperature and top_k != 1 else 0)
+    assert torch.equal(ours.get_state(), everything.get_state())
+
+
 def test_engine_shared_prefill_batch(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer)
@@ -515,7 +530,7 @@ class ScriptedModel(GPT):
         super().__init__(GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=1, n_kv_head=1, n_embd=4))
         self.scripts = scripts
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True):
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         logits = torch.zeros(B, T, self.config.vocab_size)
