@@ -60,7 +60,9 @@ configure(globals(), __file__)
 
 
 class NoTokenizer:
-    """For a random model: the Engine needs special-token ids for tool use and stopping; -1 never occurs."""
+    """The Engine needs special-token ids for tool use and stopping; -1 never occurs, so every row decodes all of
+    max_tokens. Every contender gets it, also with a checkpoint's tokenizer: sampled text (or greedy text in
+    another dtype) would end at a different token in each contender, timing unequal work."""
 
     def encode_special(self, name):
         return -1
@@ -73,9 +75,9 @@ def load_our_model(device):
     checkpoints = os.path.join(get_base_dir(), "base_checkpoints")
     if model_tag != "random" and glob.glob(os.path.join(checkpoints, "*", "model_*.pt")):
         from nanochat.checkpoint_manager import load_model
-        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
-                                            step=None if step < 0 else step)
-        return model, tokenizer, f"checkpoint {meta.get('model_tag', model_tag) or ''} step {meta['step']}".strip()
+        model, _, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
+                                    step=None if step < 0 else step)
+        return model, f"checkpoint {meta.get('model_tag', model_tag) or ''} step {meta['step']}".strip()
     torch.manual_seed(seed)
     n_embd = 64 * depth
     n_head = max(1, -(-n_embd // 128))
@@ -87,14 +89,14 @@ def load_our_model(device):
             if p.dim() == 2 and not p.any():
                 p.normal_(0.0, 1.0 / math.sqrt(p.size(1)))
     model.eval()
-    return model, NoTokenizer(), f"random weights (no checkpoint in {checkpoints})"
+    return model, f"random weights (no checkpoint in {checkpoints})"
 
 
 def main():
     if threads > 0:
         torch.set_num_threads(threads)
     device = torch.device(device_type or autodetect_device_type())
-    model, tokenizer, source = load_our_model(device)
+    model, source = load_our_model(device)
     config = model.config
     vocab = config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +112,7 @@ def main():
     fp32_contenders = []  # ours in fp32: greedy tokens comparable with the naive full forward
     if ref_dir:
         ref_gpt, ref_engine = load_reference(ref_dir, "gpt", "engine")
-        ref = ref_engine.Engine(reference_model(ref_gpt, model), tokenizer)
+        ref = ref_engine.Engine(reference_model(ref_gpt, model), NoTokenizer())
         ref_bf16 = device.type == "cuda"  # the reference decodes under bf16 autocast on CUDA, in fp32 elsewhere
 
         def run_reference(tokens, n, num_tokens, **sampling):
@@ -127,7 +129,7 @@ def main():
         dtype = choose_decode_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)
         for mode in (modes.split(",") if modes else [None]):
             for label, (engine_class, engine_model) in engines.items():
-                engine = engine_class(engine_model, tokenizer, dtype=dtype, decode_mode=mode)
+                engine = engine_class(engine_model, NoTokenizer(), dtype=dtype, decode_mode=mode)
                 name = (f"{label} {str(dtype)[6:]}" + (" (auto)" if dtype_name == "auto" else "")
                         + (f" {mode}" if mode else ""))
                 contenders[name] = lambda tokens, n, num_tokens, engine=engine, **sampling: engine.generate(
@@ -155,19 +157,22 @@ def main():
         return time.perf_counter() - t0, columns
 
     def race(tokens, n, num_tokens, first_only=False, **sampling):
-        """Per contender: best time, its tokens, and the median over rounds of baseline time / its time in the
+        """Per contender: best time, its tokens, and the median over rounds of its tokens/s over the baseline's in the
         same round (contenders alternate round after round, so a burst of load hits a round's contenders alike)."""
         best, ratios = {}, {name: [] for name in contenders}
         for round_ in range(repeats + 1):  # round 0 warms up (and compiles or captures)
-            times = {}
+            times, rates = {}, {}
             for name in contenders:
                 times[name], columns = timed(name, tokens, n, num_tokens, first_only, **sampling)
+                if len(columns) != (1 if first_only else num_tokens):
+                    raise RuntimeError(f"{name} decoded {len(columns)} tokens per row, not {num_tokens}")
+                rates[name] = len(columns) / times[name]
                 if round_ == 0:
                     warmup[name] = max(warmup.get(name, 0.0), times[name])
                 elif name not in best or times[name] < best[name][0]:
                     best[name] = (times[name], columns)
             for name in contenders if round_ > 0 else ():
-                ratios[name].append(times[baseline] / times[name])
+                ratios[name].append(rates[name] / rates[baseline])
         return {name: (seconds, columns, statistics.median(ratios[name])) for name, (seconds, columns) in best.items()}
 
     warmup = {}
