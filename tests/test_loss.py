@@ -122,6 +122,7 @@ def _ddp_worker(rank, world_size, init_file, queue):
     ddp_model(idx[2 * rank:2 * rank + 2], targets[2 * rank:2 * rank + 2]).backward()  # each rank half the batch
     # sent as a list: a shared-memory tensor would need this process alive until the parent reads it
     queue.put((rank, torch.cat([p.grad.flatten() for p in model.parameters()]).tolist()))
+    del ddp_model  # its reducer goes before the group it talks through (a worker once aborted at exit in the suite)
     dist.barrier()
     dist.destroy_process_group()
 
