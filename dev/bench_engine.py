@@ -122,8 +122,8 @@ def main():
         contenders["reference" + (" (bf16 autocast)" if ref_bf16 else " (fp32)")] = run_reference
     engines = {"ours": (Engine, model)}
     if compare_dir:
-        cmp_gpt, cmp_engine = load_checkout(compare_dir, "cmp_", ("common", "calculator", "collectives", "muon",
-                                                                  "adamw", "loss", "decode"), ("gpt", "engine"))
+        cmp_gpt, cmp_engine = load_checkout(compare_dir, "cmp_", ("hardware", "common", "calculator", "collectives",
+                                                                  "muon", "adamw", "loss", "decode"), ("gpt", "engine"))
         engines[f"@{os.path.basename(os.path.abspath(compare_dir))}"] = (cmp_engine.Engine, reference_model(cmp_gpt, model))
     for dtype_name in dtypes.split(","):
         dtype = choose_decode_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)

@@ -90,7 +90,8 @@ if our_bf16 and ours_fp32 == "true":
     our_fp32_model = build(our_gpt)
     contenders["ours (fp32)"] = make_step(our_fp32_model, our_fp32_model.setup_optimizers(), False, clip=True)
 if compare_dir:
-    (cmp_gpt,) = load_checkout(compare_dir, "cmp_", ("common", "collectives", "muon", "adamw", "loss"), ("gpt",))
+    (cmp_gpt,) = load_checkout(compare_dir, "cmp_", ("hardware", "common", "collectives", "muon", "adamw", "loss"),
+                                ("gpt",))
     cmp_model = build(cmp_gpt)
     contenders[f"ours @ {os.path.basename(os.path.abspath(compare_dir))}"] = make_step(
         cmp_model, cmp_model.setup_optimizers(), our_bf16, clip=True)

@@ -15,8 +15,8 @@ import torch
 def load_checkout(root, prefix, deps, names):
     """
     Modules `names` of another nanochat checkout at root, loaded as <prefix><name>; its `from nanochat.x
-    import` lines are pointed at <prefix>x, and the modules `deps` are loaded first (those the checkout has:
-    an older checkout of ours may lack a module a newer one split out).
+    import` and `from nanochat import x` lines are pointed at <prefix>x, and the modules `deps` are loaded first
+    (those the checkout has: an older checkout of ours may lack a module a newer one split out).
     """
     def load(name):
         if f"{prefix}{name}" in sys.modules:
@@ -27,6 +27,7 @@ def load_checkout(root, prefix, deps, names):
         source = open(spec.origin, encoding="utf-8").read()
         for dep in set(deps) | set(names) | {"gpt", "checkpoint_manager"}:
             source = source.replace(f"from nanochat.{dep} import", f"from {prefix}{dep} import")
+            source = source.replace(f"from nanochat import {dep}\n", f"import {prefix}{dep} as {dep}\n")
         exec(compile(source, spec.origin, "exec"), module.__dict__)
         return module
 

@@ -1,7 +1,6 @@
 """
 What the hardware is good at, decided by looking and by measuring rather than by habit.
 
-- cpu_cache_bytes(): the largest CPU cache, for the decode step's choice of compiled matmuls (nanochat/decode.py).
 - cpu_model(), cpu_flags() / cpu_has_native_bf16(): which CPU; does the CPU have bf16 dot-product or matrix units
   (x86 avx512_bf16 / amx_bf16, Arm bf16)? Without them PyTorch emulates bf16 matmuls, far slower than fp32.
 - bf16_matmul_speedup(device): measured once per process and device (~0.1 s); rank 0's in a distributed run.
@@ -14,8 +13,6 @@ What the hardware is good at, decided by looking and by measuring rather than by
 
 import ctypes
 import functools
-import glob
-import os
 import platform
 import time
 
@@ -80,24 +77,6 @@ def cpu_description():
     units = ", ".join(f"{name}: {'yes' if flag in flags else 'no'}"
                       for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")))
     return f"{cpu_model()} ({units}{', Arm bf16: yes' if 'bf16' in flags else ''})"
-
-
-SIZE_SUFFIXES = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_cache_bytes(sysfs="/sys/devices/system/cpu/cpu0/cache"):
-    """Size of the CPU's largest cache (usually the L3 that the cores share) from Linux sysfs; 0 where unknown."""
-    largest = 0
-    for size_file in glob.glob(os.path.join(sysfs, "index*", "size")):
-        try:
-            text = open(size_file).read().strip()
-        except OSError:
-            continue
-        number, suffix = (text[:-1], text[-1]) if text[-1:] in SIZE_SUFFIXES else (text, "")
-        if number.isdigit():
-            largest = max(largest, int(number) * SIZE_SUFFIXES.get(suffix, 1))
-    return largest
 
 
 # glibc's mallopt parameters (malloc.h) and their initial values

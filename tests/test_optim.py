@@ -191,15 +191,6 @@ def test_distributed_step_matches_single_process(tmp_path):
     torch.testing.assert_close(results["odd"], p.detach(), atol=1e-6, rtol=1e-6)
 
 
-def test_cpu_cache_size_is_the_largest_cache_in_sysfs(tmp_path):
-    from nanochat import hardware
-    for index, size in enumerate(["48K", "32K", "2048K", "32768K", "unknown"]):
-        (tmp_path / f"index{index}").mkdir()
-        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
-    assert hardware.cpu_cache_bytes(str(tmp_path)) == 32 * 2 ** 20
-    assert hardware.cpu_cache_bytes(str(tmp_path / "absent")) == 0  # not Linux, or no sysfs: unknown
-
-
 FAULTS_PER_TRAINING_STEP = """
 import resource, torch
 from nanochat import hardware
