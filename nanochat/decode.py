@@ -197,7 +197,7 @@ def compiled_step():
 #   wrapper is a large share of a small model's step, and the calls are fixed when it compiles (batch 8: ~1.04x);
 # - max_autotune with inductor's C++ GEMM templates as candidates: the matmuls of a few rows become generated code
 #   where it times faster than oneDNN's calls. On a 2-core AMD EPYC, the step with the templates allowed against
-#   without: bf16 batch 1 1.5x at depth 8 and 12, 1.13x at depth 16 (400 MB of weights, far past the 32 MB L3),
+#   without: bf16 batch 1 1.5x at depth 8, 1.6x at depth 12, 1.13x at depth 16 (400 MB of weights, far past the 32 MB L3),
 #   batch 8 the same; fp32 (CPUs without bf16) 2.9x at depth 4 batch 1, 2.1x batch 8, 2.6x at depth 12 batch 1.
 #   (They used to be allowed only when the weights fit in half the largest CPU cache, which held back all of that.)
 CPU_COMPILE_DYNAMIC = "L['cache'].pos"
@@ -298,7 +298,7 @@ class Decoder:
         if self.failed or batch_size in self.compiled_batch_sizes:
             return self._or_eager(lambda: compiled_step()(decoder, cache, ids), decoder, cache, ids)
         import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
-        print0(f"Engine: compiling the decode step for batch size {batch_size} (seconds; once per process, "
+        print0(f"Engine: compiling the decode step for batch size {batch_size} (up to a minute; once per process, "
                f"batch size{'' if self.live_weights else ' and weights'})")
 
         def compile_and_run():
