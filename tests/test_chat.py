@@ -9,6 +9,7 @@ import os
 import pty
 import random
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -142,10 +143,16 @@ def in_terminal(args, chat_base_dir):
     chat_cli in a new session whose controlling terminal is a fresh pseudo-terminal (so Ctrl-C is a SIGINT):
     yields (process, the terminal's master end); afterwards closes the terminal and kills what still runs.
     """
+    def as_in_a_terminal():
+        # Ctrl-C as a shell gives it: a suite started in the background (bash without job control) runs with SIGINT
+        # ignored, which children inherit, and chat_cli then never saw the Ctrl-C typed here (CI from `... &`)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", *args], cwd=REPO_ROOT,
                             env={**cli_env(chat_base_dir), "TERM": "dumb"}, stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                            start_new_session=True, preexec_fn=as_in_a_terminal)
     os.close(slave)
     try:
         yield proc, master
