@@ -331,7 +331,7 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        return soft_cap(logits.float()) if capped else logits  # fp32 for sampling, also under bf16 autocast
+        return soft_cap(logits.float()) if capped else logits  # capped in fp32, also under bf16 autocast
 
     def rotary_tables(self, start, T):
         """The rotary tables of positions start .. start + T - 1; start may be a tensor on the device (T = 1)."""
