@@ -119,7 +119,8 @@ EOF
         stage "wheels" 120 bash -c 'install_wheels "$@"' install_wheels $missing
     fi
 fi
-export PYTHONPATH="$SITE:$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+CALLER_PYTHONPATH=${PYTHONPATH:-}  # packages the caller put there (wheels unpacked elsewhere): the reference needs them too
+export PYTHONPATH="$SITE:$REPO_ROOT${CALLER_PYTHONPATH:+:$CALLER_PYTHONPATH}"
 
 # 1. GPU-marked tests (they skip only where CUDA is absent); only the files that have some, so that a test
 #    module needing a package this machine lacks (the web UI's, say) is not even imported
@@ -158,7 +159,7 @@ if [ -n "${REF_DIR:-}" ]; then
         || echo "def init(*a, **k): raise RuntimeError('wandb is a stand-in here')" > "$STUBS/wandb.py"
     # it evaluates val bpb at the first and last step (one batch each) and saves at the end; no CORE
     # shellcheck disable=SC2046
-    stage "reference base_train" 420 env PYTHONPATH="$SITE:$REF_DIR:$STUBS" bash -c 'cd "$0" && exec "$@"' "$REF_DIR" \
+    stage "reference base_train" 420 env PYTHONPATH="$SITE:$REF_DIR:$STUBS${CALLER_PYTHONPATH:+:$CALLER_PYTHONPATH}" bash -c 'cd "$0" && exec "$@"' "$REF_DIR" \
         "$PYTHON" -m scripts.base_train $(train_args) --model_tag=gpucheck_ref --eval_every=100000 \
         --eval_tokens=$((BATCH * SEQ)) --sample_every=100000
 fi
