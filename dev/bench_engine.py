@@ -126,8 +126,8 @@ def main():
                                                                   "muon", "adamw", "loss", "decode"), ("gpt", "engine"))
         engines[f"@{os.path.basename(os.path.abspath(compare_dir))}"] = (cmp_engine.Engine, reference_model(cmp_gpt, model))
     for dtype_name in dtypes.split(","):
-        dtype = choose_decode_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)
         for mode in (modes.split(",") if modes else [None]):
+            dtype = choose_decode_dtype(device, mode) if dtype_name == "auto" else getattr(torch, dtype_name)
             for label, (engine_class, engine_model) in engines.items():
                 engine = engine_class(engine_model, NoTokenizer(), dtype=dtype, decode_mode=mode)
                 name = (f"{label} {str(dtype)[6:]}" + (" (auto)" if dtype_name == "auto" else "")

@@ -75,7 +75,7 @@ class ChatModel:
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-        decode_dtype = choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+        decode_dtype = choose_decode_dtype(device, decode_mode) if dtype == "auto" else getattr(torch, dtype)
         self.engine = Engine(model, tokenizer, dtype=decode_dtype, decode_mode=decode_mode or None)
         self.tokenizer = tokenizer
         self.meta = meta

@@ -38,7 +38,7 @@ parser.add_argument("-m", "--max-tokens", type=int, default=512, help="longest a
 parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per answer)")
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="dtype to decode in; auto: bf16 where it was measured faster")
+                    help="dtype to decode in; auto: bf16 where it was measured faster, or compiled on a CPU with bf16 units")
 parser.add_argument("--decode-mode", default="", choices=["", *DECODE_MODES],
                     help="how each token is decoded (default: cuda_graph on CUDA; on CPU compiled at start-up for a "
                          "chat, which takes seconds once and then decodes faster, eager for one -p answer)")

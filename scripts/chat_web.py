@@ -123,7 +123,7 @@ parser.add_argument("--client-timeout", type=float, default=10.0,
                     help="seconds a client has to send a request's headers, and again its body (default 10)")
 parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 parser.add_argument("-d", "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="dtype to decode in; auto: bf16 where it was measured faster")
+                    help="dtype to decode in; auto: bf16 where it was measured faster, or compiled on a CPU with bf16 units")
 parser.add_argument("--decode-mode", default="", choices=["", *DECODE_MODES],
                     help="how each token is decoded (default: cuda_graph on CUDA; on CPU compiled while the server "
                          "starts, seconds once, then faster decoding: dev/bench_engine.py)")

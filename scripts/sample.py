@@ -36,7 +36,7 @@ model_tag = ""  # checkpoint folder under base_checkpoints (empty = the largest 
 step = -1  # checkpoint step (-1 = the last one saved)
 # Runtime
 device_type = ""  # cuda|cpu|mps (empty = autodetect)
-dtype = "auto"  # auto|float32|bfloat16: auto = bf16 where it decodes measurably faster (decode.choose_decode_dtype)
+dtype = "auto"  # auto|float32|bfloat16 (auto: bf16 where measured faster, or compiled on bf16 units)
 decode_mode = ""  # eager|compile|cuda_graph ("" = cuda_graph on CUDA, eager elsewhere; compile: seconds once, then faster)
 configure(globals(), __file__)
 # -----------------------------------------------------------------------------
@@ -59,7 +59,7 @@ try:
                                         step=None if step < 0 else step)
 except FileNotFoundError as e:  # e.g. a --model_tag or --step that does not exist; no tokenizer
     fail(str(e))
-decode_dtype = choose_decode_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+decode_dtype = choose_decode_dtype(device, decode_mode) if dtype == "auto" else getattr(torch, dtype)
 
 print(f"Model {meta.get('model_config')} at step {meta.get('step')}, decoding in {str(decode_dtype)[6:]} on {device}")
 bos = tokenizer.get_bos_token_id()
