@@ -119,7 +119,7 @@ EOF
         stage "wheels" 120 bash -c 'install_wheels "$@"' install_wheels $missing
     fi
 fi
-CALLER_PYTHONPATH=${PYTHONPATH:-}  # packages the caller put there (wheels unpacked elsewhere): the reference needs them too
+CALLER_PYTHONPATH=${PYTHONPATH:-}  # packages the caller put there (wheels unpacked elsewhere): the reference's too
 export PYTHONPATH="$SITE:$REPO_ROOT${CALLER_PYTHONPATH:+:$CALLER_PYTHONPATH}"
 
 # 1. GPU-marked tests (they skip only where CUDA is absent); only the files that have some, so that a test
@@ -158,8 +158,13 @@ if [ -n "${REF_DIR:-}" ]; then
     "$PYTHON" -c "import wandb" 2>/dev/null \
         || echo "def init(*a, **k): raise RuntimeError('wandb is a stand-in here')" > "$STUBS/wandb.py"
     # it evaluates val bpb at the first and last step (one batch each) and saves at the end; no CORE
+    # the caller's packages, but not this repository: its scripts/ (a regular package) would win over the reference's
+    CALLER_PACKAGES=$("$PYTHON" -c 'import os, sys
+print(os.pathsep.join(p for p in sys.argv[1].split(os.pathsep) if p and os.path.realpath(p) != sys.argv[2]))' \
+        "$CALLER_PYTHONPATH" "$(realpath "$REPO_ROOT")")
+    REF_PYTHONPATH="$SITE:$REF_DIR:$STUBS${CALLER_PACKAGES:+:$CALLER_PACKAGES}"
     # shellcheck disable=SC2046
-    stage "reference base_train" 420 env PYTHONPATH="$SITE:$REF_DIR:$STUBS${CALLER_PYTHONPATH:+:$CALLER_PYTHONPATH}" bash -c 'cd "$0" && exec "$@"' "$REF_DIR" \
+    stage "reference base_train" 420 env PYTHONPATH="$REF_PYTHONPATH" bash -c 'cd "$0" && exec "$@"' "$REF_DIR" \
         "$PYTHON" -m scripts.base_train $(train_args) --model_tag=gpucheck_ref --eval_every=100000 \
         --eval_tokens=$((BATCH * SEQ)) --sample_every=100000
 fi
