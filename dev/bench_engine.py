@@ -18,20 +18,19 @@ greedy, and sampling as a chat samples (temperature 1, top-k 50: the sampler is 
 """
 
 import glob
-import math
 import os
 import statistics
 import time
 
 import torch
 
+from dev.bench_model import NoTokenizer, random_gpt
 from dev.reference import load_checkout, load_reference, reference_model
 from nanochat import hardware
 from nanochat.common import autodetect_device_type, get_base_dir
 from nanochat.configurator import configure
 from nanochat.decode import bf16_decode_speedup, choose_decode_dtype
 from nanochat.engine import Engine
-from nanochat.gpt import GPTConfig, build_gpt
 
 # -----------------------------------------------------------------------------
 # Settings (--name=value on the command line; --help prints this block)
@@ -59,18 +58,6 @@ configure(globals(), __file__)
 # -----------------------------------------------------------------------------
 
 
-class NoTokenizer:
-    """The Engine needs special-token ids for tool use and stopping; -1 never occurs, so every row decodes all of
-    max_tokens. Every contender gets it, also with a checkpoint's tokenizer: sampled text (or greedy text in
-    another dtype) would end at a different token in each contender, timing unequal work."""
-
-    def encode_special(self, name):
-        return -1
-
-    def get_bos_token_id(self):
-        return -1
-
-
 def load_our_model(device):
     checkpoints = os.path.join(get_base_dir(), "base_checkpoints")
     if model_tag != "random" and glob.glob(os.path.join(checkpoints, "*", "model_*.pt")):
@@ -78,17 +65,7 @@ def load_our_model(device):
         model, _, meta = load_model("base", device, phase="eval", model_tag=model_tag or None,
                                     step=None if step < 0 else step)
         return model, f"checkpoint {meta.get('model_tag', model_tag) or ''} step {meta['step']}".strip()
-    torch.manual_seed(seed)
-    n_embd = 64 * depth
-    n_head = max(1, -(-n_embd // 128))
-    config = GPTConfig(sequence_len=1024, vocab_size=8192, n_layer=depth, n_head=n_head, n_kv_head=n_head,
-                       n_embd=n_embd)
-    model = build_gpt(config, device)
-    with torch.no_grad():  # init zeroes lm_head and the output projections: randomise them so tokens vary
-        for p in model.parameters():
-            if p.dim() == 2 and not p.any():
-                p.normal_(0.0, 1.0 / math.sqrt(p.size(1)))
-    model.eval()
+    model = random_gpt(depth, seed=seed, device=device)
     return model, f"random weights (no checkpoint in {checkpoints})"
 
 

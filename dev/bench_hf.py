@@ -14,7 +14,6 @@ shared one); with --corpus_dir= it is trained on generated words instead (a toy 
 """
 
 import glob
-import math
 import os
 import random
 import shutil
@@ -24,11 +23,11 @@ import time
 
 import torch
 
+from dev.bench_model import random_gpt
 from nanochat import hardware
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.configurator import configure
 from nanochat.engine import Engine
-from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.hf_format import import_folder, require_hf, write_folder
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -69,21 +68,6 @@ def corpus_texts():
     return salad[:300], salad[300:]
 
 
-def random_model(depth, device="cpu"):
-    """Our GPT of the speedrun's shapes for `depth`, every matrix drawn at the init's scale (the init zeroes some)."""
-    torch.manual_seed(seed)
-    n_embd = 64 * depth
-    n_head = max(1, -(-n_embd // 128))
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                       n_kv_head=n_head, n_embd=n_embd)
-    model = build_gpt(config, device)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "wte" not in name:
-                param.normal_(0.0, 1.0 / math.sqrt(param.size(1)))
-    return model.eval()
-
-
 def folder_size(path):
     return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
 
@@ -121,7 +105,7 @@ def main():
 
 def measure(depth, tokenizer, val_texts, work, AutoModelForCausalLM, AutoTokenizer):
     print(f"\nDepth {depth}:")
-    model = random_model(depth)
+    model = random_gpt(depth, vocab_size, sequence_len, seed)
     config = dict(vars(model.config))
     checkpoint_dir = os.path.join(work, "checkpoints", f"d{depth}")
     save_checkpoint(checkpoint_dir, 1, model.state_dict(), None, {"step": 1, "model_config": config})

@@ -1,9 +1,10 @@
 """
 The measuring scripts in dev/ run end to end at toy size (their numbers are not checked, only that
-they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss), dev/profile_step.py and
-dev/bench_engine.py (decode speed; without the reference), dev/bench_sandbox.py (the sandbox's cost per
-problem), dev/bench_mkl_threading.py, dev/bench_allocator.py, and how dev/reference.py loads another
-checkout next to ours (dev/bench_train_ab.py says what it needs without one).
+they produce them): dev/loss_memory.py (peak memory, ours vs the plain loss), dev/profile_step.py,
+dev/profile_decode.py (whose parts of a step must add up), dev/bench_engine.py (decode speed; without the
+reference), dev/bench_sandbox.py (the sandbox's cost per problem), dev/bench_mkl_threading.py,
+dev/bench_allocator.py, and how dev/reference.py loads another checkout next to ours (dev/bench_train_ab.py
+says what it needs without one).
 """
 
 import os
@@ -39,6 +40,24 @@ def test_profile_step_prints_the_breakdown():
     out = run("dev.profile_step", "--compile=false", "--warmup=1", "--steps=1", "--dtype=float32")
     for kind in ("matmul", "attention", "elementwise", "optimizer", "MFU"):
         assert kind in out
+
+
+def test_profile_decode_splits_each_step_into_parts_that_add_up():
+    result = subprocess.run([sys.executable, "-m", "dev.profile_decode", "--depth=1", "--vocab_size=64",
+                             "--max_tokens=6", "--batch_sizes=1,2", "--mode=eager", "--dtype=float32", "--repeats=1"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    blocks = result.stdout.split("\nbatch ")[1:]
+    assert [block.split(":")[0] for block in blocks] == ["1", "2"]
+    for block in blocks:
+        shares = {}
+        for line in block.splitlines()[1:7]:
+            kind, microseconds, percent = line.strip().rsplit(None, 3)[0], *line.split()[-3::2]
+            shares[kind] = (float(microseconds), float(percent.rstrip("%")))
+        assert list(shares) == ["matmul", "attention", "kernels", "step overhead", "sampling", "engine loop"]
+        assert all(us >= 0 for us, _ in shares.values()), shares  # nothing counted twice
+        assert shares["matmul"][0] > 0 and shares["sampling"][0] > 0, shares
+        assert abs(sum(percent for _, percent in shares.values()) - 100) < 0.5, shares
 
 
 def test_bench_engine_times_fp32_and_auto_without_the_reference(tmp_path):
