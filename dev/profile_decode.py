@@ -33,6 +33,7 @@ threads = 0  # torch threads (0 = PyTorch's default)
 top = 12  # how many non-matmul ops to list
 device_type = "cpu"  # cpu|cuda
 
+import re
 import time
 from collections import defaultdict
 
@@ -40,8 +41,9 @@ PHASE = "decode phase: "  # the profiler ranges this script adds (the compiled c
 
 
 def category(name):
-    if "gemm" in name or name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn::_linear_pointwise",
-                                  "nanochat::prepacked_linear"):
+    # inductor's GEMM template kernels are graph_<n>_gemm_<shape>_kernel, or (torch 2.11) graph_<n>_kernel
+    if "gemm" in name or re.fullmatch(r"graph_\d+_kernel", name) or name in (
+            "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn::_linear_pointwise", "nanochat::prepacked_linear"):
         return "matmul"
     if "_softmax" in name or "scaled_dot_product" in name or "flash_attention" in name:
         return "attention"
