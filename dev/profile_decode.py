@@ -13,7 +13,7 @@ Categories, by self time of the profiled ops: matmul = the compiled step's GEMM 
 attention = the fused kernel holding the attention's softmax, or the eager SDPA op; kernels = the step's other
 ops; step overhead = torch.compile's own ranges (dynamo's guards, the generated code's Python wrapper) and
 the step's wall time outside any op; sampling = engine.sample_next_token, its ops and its Python; engine
-loop = the rest (the rows' bookkeeping, the next ids).
+loop = the rest (the rows' bookkeeping, the next ids, and the prompt's prefill spread over the steps).
 The profiler adds a few microseconds per op: the profiled step is slower than the unprofiled tokens/s says.
 """
 
@@ -37,15 +37,17 @@ import re
 import time
 from collections import defaultdict
 
+from dev.profile_step import ATTENTION_OPS, MATMUL_OPS
+
 PHASE = "decode phase: "  # the profiler ranges this script adds (the compiled code has its own "## ..." ones)
 
 
 def category(name):
     # inductor's GEMM template kernels are graph_<n>_gemm_<shape>_kernel, or (torch 2.11) graph_<n>_kernel
-    if "gemm" in name or re.fullmatch(r"graph_\d+_kernel", name) or name in (
-            "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn::_linear_pointwise", "nanochat::prepacked_linear"):
+    if ("gemm" in name or re.fullmatch(r"graph_\d+_kernel", name) or name == "nanochat::prepacked_linear"
+            or name.startswith(MATMUL_OPS)):
         return "matmul"
-    if "_softmax" in name or "scaled_dot_product" in name or "flash_attention" in name:
+    if any(op in name for op in ATTENTION_OPS):  # the compiled step's attention: the kernel with its softmax
         return "attention"
     if not name.startswith(("aten::", "graph_", "mkldnn::", "nanochat::")):  # torch.compile's own ranges
         return "step overhead"
