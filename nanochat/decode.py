@@ -299,8 +299,8 @@ class Decoder:
             return self._or_eager(lambda: compiled_step()(decoder, cache, ids), decoder, cache, ids)
         import torch._inductor.config  # noqa: F401 (loaded by the first compile; patched before it)
         print0(f"Engine: compiling the decode step for batch size {batch_size} (once per process, batch size"
-               f"{'' if self.live_weights else ' and weights'}: 15-20 s with torch's compile cache warm, a minute or two "
-               f"the first time on a machine)")
+               f"{'' if self.live_weights else ' and weights'}; minutes the first time on a machine, far less once "
+               f"torch's compile cache holds its kernels)")
 
         def compile_and_run():
             for keys_or_values in (*cache.k, *cache.v):  # (B, H_kv, capacity, D)
