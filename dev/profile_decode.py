@@ -37,7 +37,7 @@ import re
 import time
 from collections import defaultdict
 
-from dev.profile_step import ATTENTION_OPS, MATMUL_OPS
+from dev.profile_step import ATTENTION_OPS, MATMUL_OPS, start_profiling
 
 PHASE = "decode phase: "  # the profiler ranges this script adds (the compiled code has its own "## ..." ones)
 
@@ -59,15 +59,11 @@ def main():
     configure(globals(), __file__)
 
     import torch
-    import torch._inductor.config
     from torch.profiler import profile, record_function, ProfilerActivity
     from dev.bench_model import NoTokenizer, random_gpt
     from nanochat import decode, engine, hardware
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    torch._inductor.config.cpp.enable_kernel_profile = True  # name each compiled CPU kernel in the profile
-    device = torch.device(device_type)
+    device = start_profiling(threads, device_type)
     decode_mode = decode.session_mode(device) if mode == "auto" else mode
     decode_dtype = decode.choose_decode_dtype(device, decode_mode) if dtype == "auto" else getattr(torch, dtype)
     model = random_gpt(depth, vocab_size, device=device)

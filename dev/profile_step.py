@@ -46,20 +46,26 @@ def category(name, phase):
     return "other"
 
 
+def start_profiling(threads, device_type):
+    """Set torch's thread count (0: its default) and name each compiled CPU kernel in the profile; the device."""
+    import torch
+    import torch._inductor.config
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch._inductor.config.cpp.enable_kernel_profile = True
+    return torch.device(device_type)
+
+
 def main():
     from nanochat.configurator import configure
     configure(globals(), __file__)
 
     import torch
-    import torch._inductor.config
     from torch.profiler import profile, record_function, ProfilerActivity
     from nanochat import hardware
     from nanochat.gpt import GPTConfig, build_gpt
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    torch._inductor.config.cpp.enable_kernel_profile = True  # name each compiled CPU kernel in the profile
-    device = torch.device(device_type)
+    device = start_profiling(threads, device_type)
     if device.type == "cpu":
         hardware.keep_freed_memory()  # as compute_init has it for base_train
     use_bf16 = (hardware.choose_autocast_dtype(device) == torch.bfloat16) if dtype == "auto" else dtype == "bfloat16"
