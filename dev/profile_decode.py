@@ -12,8 +12,9 @@ overhead), the sampler, and the Engine's own loop, with the largest ops besides 
 Categories, by self time of the profiled ops: matmul = the compiled step's GEMM kernels and the mm/linear ops;
 attention = the fused kernel holding the attention's softmax, or the eager SDPA op; kernels = the step's other
 ops; step overhead = torch.compile's own ranges (dynamo's guards, the generated code's Python wrapper) and
-the step's wall time outside any op; sampling = engine.sample_next_token, its ops and its Python; engine
-loop = the rest (the rows' bookkeeping, the next ids, and the prompt's prefill spread over the steps).
+the step's wall time outside any op; sampling = the sampler (sampling.Sampler: its ops and its Python, and in a
+compiled CPU step the top-k and the kernels that pick: decode.run_step_and_pick); engine loop = the rest (the
+rows' bookkeeping, the next ids, and the prompt's prefill spread over the steps).
 The profiler adds a few microseconds per op: the profiled step is slower than the unprofiled tokens/s says.
 """
 
@@ -43,6 +44,8 @@ PHASE = "decode phase: "  # the profiler ranges this script adds (the compiled c
 
 
 def category(name):
+    if name == "aten::topk" or "argmax" in name:  # the sampler's ops inside a compiled step (named after their ops)
+        return "sampling"
     # inductor's GEMM template kernels are graph_<n>_gemm_<shape>_kernel, or (torch 2.11) graph_<n>_kernel
     if ("gemm" in name or re.fullmatch(r"graph_\d+_kernel", name) or name == "nanochat::prepacked_linear"
             or name.startswith(MATMUL_OPS)):
@@ -62,6 +65,7 @@ def main():
     from torch.profiler import profile, record_function, ProfilerActivity
     from dev.bench_model import NoTokenizer, random_gpt
     from nanochat import decode, engine, hardware
+    from nanochat.sampling import Sampler
 
     device = start_profiling(threads, device_type)
     decode_mode = decode.session_mode(device) if mode == "auto" else mode
@@ -74,24 +78,29 @@ def main():
     print(f"depth {depth}, vocab {vocab_size}, {workload} {sampling}, mode {decode_mode or 'default'}, "
           f"{str(decode_dtype)[6:]}, {torch.get_num_threads()} threads; CPU {hardware.cpu_description()}")
 
-    # The phases as ranges in the profile: the Decoder's step function and the sampler, wrapped
-    start, sample = decode.Decoder.start, engine.sample_next_token
+    # The phases as ranges in the profile: the Decoder's step function and the sampler's methods, wrapped
+    start = decode.Decoder.start
+    sampler_methods = {name: getattr(Sampler, name) for name in ("__call__", "step_inputs")}
 
     def start_in_range(self, *args):
         step = start(self, *args)
 
         def step_in_range(ids):
             with record_function(PHASE + "step"):
-                logits = step(ids)
+                next_ids = step(ids)
                 sync()
-                return logits
+                return next_ids
         return step_in_range
 
-    def sample_in_range(*args, **kwargs):
-        with record_function(PHASE + "sampling"):
-            return sample(*args, **kwargs)
+    def in_sampling_range(method):
+        def method_in_range(*args, **kwargs):
+            with record_function(PHASE + "sampling"):
+                return method(*args, **kwargs)
+        return method_in_range
 
-    decode.Decoder.start, engine.sample_next_token = start_in_range, sample_in_range
+    decode.Decoder.start = start_in_range
+    for name, method in sampler_methods.items():
+        setattr(Sampler, name, in_sampling_range(method))
 
     def generate(batch_size):
         sync()
@@ -116,18 +125,21 @@ def main():
         ranges, totals, by_op = defaultdict(float), defaultdict(float), defaultdict(float)
         for event in prof.events():
             if event.name.startswith(PHASE):
-                ranges[event.name[len(PHASE):]] += event.cpu_time_total / 1000
+                in_step = event.name == PHASE + "sampling" and phase_of(event.cpu_parent) == "step"
+                ranges[event.name[len(PHASE):] + (" in step" if in_step else "")] += event.cpu_time_total / 1000
                 continue
             phase = phase_of(event) if event.self_cpu_time_total > 0 else None
             if phase is None:
                 continue
             kind = category(event.name) if phase == "step" else phase
-            totals[kind] += event.self_cpu_time_total / 1000
+            picked = phase == "step" and kind == "sampling"  # a compiled step's own sampler ops
+            totals["picked in step" if picked else kind] += event.self_cpu_time_total / 1000
             if kind != "matmul":
                 by_op[(kind, event.name)] += event.self_cpu_time_total / 1000
         in_step_ops = sum(totals[k] for k in ("matmul", "attention", "kernels", "step overhead"))
-        totals["step overhead"] += ranges["step"] - in_step_ops
-        totals["sampling"] = ranges["sampling"]  # its ops and its Python
+        picked = totals["picked in step"]
+        totals["step overhead"] += ranges["step"] - in_step_ops - picked - ranges["sampling in step"]
+        totals["sampling"] = ranges["sampling"] + ranges["sampling in step"] + picked  # its ops and its Python
         totals["engine loop"] = wall * 1000 - ranges["step"] - ranges["sampling"]
 
         print(f"\nbatch {batch_size}: {batch_size * steps / seconds:,.0f} tok/s unprofiled ({seconds / steps * 1000:.3f} "
@@ -138,7 +150,9 @@ def main():
         print(f"  largest ops besides matmuls (us per step, self time):")
         for (kind, name), ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]:
             print(f"  {ms / steps * 1000:8.1f}  {kind:10s} {name[:100]}")
-    decode.Decoder.start, engine.sample_next_token = start, sample
+    decode.Decoder.start = start
+    for name, method in sampler_methods.items():
+        setattr(Sampler, name, method)
 
 
 if __name__ == "__main__":

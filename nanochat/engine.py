@@ -5,7 +5,8 @@ The Engine works on token ids only (the tokenizer is needed just for the calcula
 1. prefill: run the prompt once with batch size 1 (GPT.forward), filling a KV cache;
 2. copy that cache into a cache with one row per sample;
 3. decode: feed one new token per row per step, attending over the cache: the model's forward for one
-   token, run fast by nanochat/decode.py (a copy with prepared weights; eager, compiled or a CUDA graph).
+   token, run fast by nanochat/decode.py (a copy with prepared weights; eager, compiled or a CUDA graph),
+   and the next token drawn from its logits (nanochat/sampling.py).
 Each step costs O(T) attention instead of the O(T^2) full forward a no-cache generator pays.
 
 Tool use: when a row writes <|python_start|> expr <|python_end|>, the Engine evaluates expr with
@@ -16,11 +17,11 @@ that row. Forced tokens get mask 0, sampled tokens mask 1 (RL uses the mask to s
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 
 from nanochat.calculator import use_calculator
 from nanochat.decode import Decoder
 from nanochat.gpt import soft_cap
+from nanochat.sampling import Sampler
 
 
 class KVCache:
@@ -121,35 +122,6 @@ class KVCache:
         self._allocate(dtype or other.k[0].dtype, other.k[0].device, keep=other.pos)
 
 
-def sample_next_token(logits, generator, temperature=1.0, top_k=None, cap=None):
-    """
-    logits (B, V) -> next token ids (B, 1). temperature 0 is greedy; top_k keeps the k largest logits.
-    cap: an increasing function that makes the logits given into the model's (gpt.soft_cap, when they are the
-    lm_head's). It changes no logit's rank, so it is applied only to the logits a draw needs: none when greedy,
-    the k kept ones with top_k (capping a batch-8 vocabulary took 65 us of a 1.25 ms compiled depth-4 CPU step).
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0.0:
-        return torch.argmax(logits.float(), dim=-1, keepdim=True)  # on CPU, 4x faster in fp32 than in bf16
-    cap = cap or (lambda x: x)
-    if top_k is not None:
-        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k)
-        probs = F.softmax(cap(values.float()) / temperature, dim=-1)
-        return indices.gather(1, draw_one(probs, generator))
-    return draw_one(F.softmax(cap(logits.float()) / temperature, dim=-1), generator)
-
-
-def draw_one(probs, generator):
-    """
-    torch.multinomial(probs, 1, generator=generator), the same draw from the same generator state: argmax of
-    probs / q with q ~ Exp(1) (the Gumbel-max trick, as torch computes one sample), without torch's checks that
-    probs are finite, non-negative and not all zero, which cost more than the draw and always hold for a softmax.
-    """
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(dim=-1, keepdim=True)
-
-
 class _Row:
     """Per-sample state of the tool-use state machine."""
 
@@ -200,8 +172,7 @@ class Engine:
         if max_tokens is None:
             max_tokens = max(0, config.sequence_len - len(tokens))
         device = self.model.get_device()
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        sampler = Sampler(torch.Generator(device=device).manual_seed(seed), temperature, top_k, cap=soft_cap)
         weight_dtype = self.model.lm_head.weight.dtype
         dtype = self.dtype
         if dtype is None:
@@ -242,10 +213,12 @@ class Engine:
         rows = [_Row() for _ in range(num_samples)]
         step = None  # made after the first token is out, so it does not delay it
         for i in range(max_tokens):
-            if i > 0:
-                step = step or self.decoder.start(self.model, cache, dtype)
-                logits = step(ids)  # (num_samples, V)
-            sampled = sample_next_token(logits, generator, temperature, top_k, cap=soft_cap)[:, 0].tolist()
+            if i == 0:
+                next_ids = sampler(logits)
+            else:
+                step = step or self.decoder.start(self.model, cache, dtype, sampler)
+                next_ids = step(ids)  # (num_samples, 1)
+            sampled = next_ids[:, 0].tolist()
 
             token_column, token_masks = [], []
             for row, sampled_token in zip(rows, sampled):

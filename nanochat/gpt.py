@@ -42,7 +42,7 @@ class GPTConfig:
 def soft_cap(logits):
     """The model's logits from the lm_head's: 15 tanh(x / 15), given fp32 (more exact, and faster on CPU than bf16).
     It is increasing, so the largest logits before it are the largest after it: a sampler may cap only the few it
-    keeps (engine.sample_next_token), instead of the whole vocabulary. (Rounding can tie capped logits that were not
+    keeps (sampling.sample_next_token), instead of the whole vocabulary. (Rounding can tie capped logits that were not
     tied: fp32 ones a few ulps apart, or any past ~100, where the cap is within an ulp or two of 15. Ranking before
     the cap breaks such ties by the larger logit.)"""
     return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)

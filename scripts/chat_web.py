@@ -219,7 +219,8 @@ workers = []
 for index, device in enumerate(devices):
     try:
         workers.append(Worker(index, ChatModel(args.source, device, args.model_tag, args.step, args.dtype,
-                                                  args.decode_mode or session_mode(device))))
+                                                  args.decode_mode or session_mode(device), defaults["temperature"],
+                                                  defaults["top_k"])))
     except FileNotFoundError as e:  # no checkpoint or tokenizer: the message says what to train
         raise SystemExit(str(e)) from None
     print(f"Worker {index}: {args.source} model {workers[-1].chat.describe()}", flush=True)

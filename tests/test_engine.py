@@ -11,7 +11,8 @@ import torch
 from nanochat import decode, hardware
 from nanochat.calculator import use_calculator
 from nanochat.decode import PreparedLinear, can_pack_weights, prepacked_linear, prepare_for_decoding, run_step
-from nanochat.engine import Engine, KVCache, draw_one, sample_next_token
+from nanochat.engine import Engine, KVCache
+from nanochat.sampling import draw_one, sample_next_token
 from nanochat.gpt import GPT, GPTConfig, build_gpt, soft_cap
 
 
@@ -373,6 +374,28 @@ def test_compiled_decode_matches_eager(model_and_tokenizer, capsys):
 
 
 @pytest.mark.slow
+def test_compiled_cpu_decode_draws_what_eager_draws_with_one_step_for_every_top_k(model_and_tokenizer):
+    # the compiled CPU step draws top-k in its own code, given the random numbers drawn outside it: the same tokens
+    # as the eager sampler from the same seed, at any top_k (more than the vocabulary too) and temperature, all from
+    # one compiled step; greedy and the whole vocabulary share another (the plain step and the eager sampler)
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("a cat")
+    compiled, eager = Engine(model, tokenizer, decode_mode="compile"), Engine(model, tokenizer)
+    _columns(compiled, prompt, num_samples=3, max_tokens=4, temperature=0.6, top_k=50)  # compiles, as a chat's load
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for temperature, top_k in ((1.0, 5), (1.3, 2), (1.0, len(CHARS) + 10), (0.9, 20)):
+        kwargs = dict(num_samples=3, max_tokens=16, temperature=temperature, top_k=top_k, seed=7)
+        got = _columns(compiled, prompt, **kwargs)
+        assert got == _columns(eager, prompt, **kwargs)
+        assert len({token for row in got for token in row}) > 4  # draws, not one token repeated
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=None)):
+        kwargs.update(num_samples=3, max_tokens=16, seed=7)
+        assert _columns(compiled, prompt, **kwargs) == _columns(eager, prompt, **kwargs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+
+
+@pytest.mark.slow
 def test_compiled_cpu_decode_compiles_once_for_every_position(model_and_tokenizer):
     # on CPU the position and the cache's capacity are symbolic: other prompt lengths (one past the first cache's
     # 256 positions too) and every step reuse one compiled step per batch size
@@ -426,7 +449,9 @@ def test_engine_rejects_an_unknown_decode_mode(model_and_tokenizer):
         Engine(model, tokenizer, decode_mode="graph")
 
 
-def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypatch, capsys):
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, top_k=3), dict(temperature=1.0)])
+def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypatch, capsys, sampling):
+    # sampling: the failed step's random numbers were drawn before it ran, and the eager step picks with them
     import nanochat.decode as decode_module
 
     attempts = []
@@ -436,14 +461,14 @@ def test_compile_failure_falls_back_to_uncompiled(model_and_tokenizer, monkeypat
         raise RuntimeError("no C++ compiler")
 
     model, tokenizer = model_and_tokenizer
-    monkeypatch.setattr(decode_module, "compiled_step", lambda: broken)
+    monkeypatch.setattr(decode_module, "compiled_step", lambda *step: broken)
     prompt = tokenizer.encode("abc")
     engine = Engine(model, tokenizer, decode_mode="compile")
-    expected = _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, temperature=0.0)
-    assert _columns(engine, prompt, num_samples=2, max_tokens=12, temperature=0.0) == expected
+    expected = _columns(Engine(model, tokenizer), prompt, num_samples=2, max_tokens=12, **sampling)
+    assert _columns(engine, prompt, num_samples=2, max_tokens=12, **sampling) == expected
     assert capsys.readouterr().out.count("decoding eagerly") == 1
     # the next generation of the same weights does not try (and fail, and say so) again
-    assert _columns(engine, prompt, num_samples=2, max_tokens=12, temperature=0.0) == expected
+    assert _columns(engine, prompt, num_samples=2, max_tokens=12, **sampling) == expected
     assert "decoding eagerly" not in capsys.readouterr().out and len(attempts) == 1
 
 
