@@ -84,7 +84,7 @@ class ChatModel:
         self.dtype = str(decode_dtype).removeprefix("torch.")
         self.context_len = model.config.sequence_len  # the length the model was trained on
         if decode_mode == "compile":  # compile now, while loading, rather than in the middle of the first answer:
-            # the step the session's sampling uses (one for every top-k draw, another for greedy or the whole vocabulary)
+            # the step the session's sampling uses (one for any top-k draw, another for greedy or the whole vocabulary)
             for _ in self.engine.generate([tokenizer.get_bos_token_id()], max_tokens=2, temperature=temperature,
                                           top_k=top_k):
                 pass

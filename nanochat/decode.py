@@ -10,11 +10,12 @@ of each call, not the arithmetic, sets the pace. The Decoder rebuilds it when th
 Modes (MODES, chosen per Engine):
 - "eager": plain PyTorch ops. On CPU with several threads, the first steps of each batch size time one
   thread against torch's number and keep the faster (a matmul of a few rows can lose by waking the others).
-- "compile": torch.compile of the step. On CPU the step picks the next token in its own code too
-  (run_step_and_pick: the sampler's top-k, softmax and draw, given the random numbers drawn outside it), and the weights are frozen into the generated code and the cache
+- "compile": torch.compile of the step. On CPU the weights are frozen into the generated code and the cache
   position is symbolic, so one compiled step per batch size serves every position and prompt (see
-  cpu_compile_settings); elsewhere the fixed-shape form is compiled (the position held in a tensor on the
-  device, attention over the cache's whole capacity with the unwritten positions masked out). With live
+  cpu_compile_settings), and a top-k draw happens in that code too (run_step_and_pick: the sampler's top-k,
+  softmax and pick, given the random numbers drawn outside it); elsewhere the fixed-shape form is compiled (the
+  position held in a tensor on the device, attention over the cache's whole capacity with the unwritten positions
+  masked out). With live
   weights (a model trained between generations, as in RL) the CPU step reads the weights at each call instead,
   its matmuls through prepacked_linear, so an optimizer step does not compile it again.
 - "cuda_graph": the fixed-shape form captured once as a CUDA graph and replayed: one launch per token.
@@ -178,7 +179,7 @@ def run_step_and_pick(decoder, cache, ids, noise, temperature):
     """
     run_step, then the next tokens (B, 1) drawn among the noise.size(1) largest logits at temperature given noise
     (what sampling.Sampler.step_inputs gives). Compiled, the sampler's ops run in the step's generated code instead
-    of one by one after it: depth 4, 2-core AMD EPYC, top-k 50, 1.07x the tokens/s at batch 1, 1.04x at batch 8.
+    of one by one after it: depth 4, 2-core AMD EPYC, top-k 50, 1.07-1.09x the tokens/s at batch 1, 1.04x at batch 8.
     """
     return pick_top_k(run_step(decoder, cache, ids), noise, temperature, cap=soft_cap)
 

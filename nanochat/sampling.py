@@ -65,7 +65,7 @@ def draw_one(probs, generator):
 class Sampler:
     """
     How one generation draws its tokens: sample_next_token's settings and its generator. A compiled decode step
-    that draws top-k in its own code (decode.run_step_and_pick) takes step_inputs(batch_size) at each step: the
+    that draws top-k in its own code (decode.run_step_and_pick) takes step_inputs(...) at each step: the
     random numbers sample_next_token would draw, and the temperature as a tensor (one compiled step serves all).
     """
 
