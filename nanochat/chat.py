@@ -71,8 +71,8 @@ def assistant_content(text):
 class ChatModel:
     """A model loaded for chatting: its Engine, tokenizer, device and the dtype it decodes in."""
 
-    def __init__(self, source, device, model_tag=None, step=None, dtype="auto", decode_mode=None, temperature=0.6,
-                 top_k=50):
+    def __init__(self, source, device, model_tag=None, step=None, dtype="auto", decode_mode=None,
+                 samplings=((0.6, 50),)):
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
@@ -83,11 +83,13 @@ class ChatModel:
         self.device = torch.device(device)
         self.dtype = str(decode_dtype).removeprefix("torch.")
         self.context_len = model.config.sequence_len  # the length the model was trained on
-        if decode_mode == "compile":  # compile now, while loading, rather than in the middle of the first answer:
-            # the step the session's sampling uses (one for any top-k draw, another for greedy or the whole vocabulary)
-            for _ in self.engine.generate([tokenizer.get_bos_token_id()], max_tokens=2, temperature=temperature,
-                                          top_k=top_k):
-                pass
+        if decode_mode == "compile":  # compile now, while loading, rather than in the middle of the first answer,
+            # the steps that the answers' (temperature, top_k) samplings use: one serves every top-k draw, another
+            # greedy and whole-vocabulary ones (decode.Decoder.start)
+            for temperature, top_k in samplings:
+                for _ in self.engine.generate([tokenizer.get_bos_token_id()], max_tokens=2, temperature=temperature,
+                                              top_k=top_k):
+                    pass
 
     def describe(self):
         config = self.engine.model.config

@@ -50,7 +50,7 @@ with contextlib.redirect_stdout(sys.stderr):
     decode_mode = args.decode_mode or (None if args.prompt else session_mode(device))  # one answer: no compile
     try:
         chat = ChatModel(args.source, device, model_tag=args.model_tag, step=args.step, dtype=args.dtype,
-                         decode_mode=decode_mode, temperature=args.temperature, top_k=args.top_k or None)
+                         decode_mode=decode_mode, samplings=[(args.temperature, args.top_k or None)])
     except FileNotFoundError as e:  # no checkpoint or tokenizer: the message says what to train
         raise SystemExit(str(e)) from None
 tokenizer = chat.tokenizer

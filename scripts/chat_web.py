@@ -218,9 +218,10 @@ else:
 workers = []
 for index, device in enumerate(devices):
     try:
+        # requests choose their own sampling: compile for the defaults' and for greedy (OpenAI clients send 0 often)
+        samplings = [(defaults["temperature"], defaults["top_k"]), (0.0, None)]
         workers.append(Worker(index, ChatModel(args.source, device, args.model_tag, args.step, args.dtype,
-                                                  args.decode_mode or session_mode(device), defaults["temperature"],
-                                                  defaults["top_k"])))
+                                                  args.decode_mode or session_mode(device), samplings)))
     except FileNotFoundError as e:  # no checkpoint or tokenizer: the message says what to train
         raise SystemExit(str(e)) from None
     print(f"Worker {index}: {args.source} model {workers[-1].chat.describe()}", flush=True)

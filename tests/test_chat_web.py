@@ -61,14 +61,16 @@ API_KEY = "test-key-4f1c"
 
 @pytest.fixture(scope="module")
 def server_process(chat_base_dir, tmp_path_factory):
-    """(process, (host, port)) of a chat_web server of the word-salad base model, for the whole module."""
+    """(process, (host, port), log path) of a chat_web server of the word-salad base model, for the whole module."""
     log_path = tmp_path_factory.mktemp("chat_web") / "server.log"
     proc, address = start_server(chat_base_dir, "base", log_path,
                                  "--max-connections", str(MAX_CONNECTIONS), "--max-queue", str(MAX_QUEUE),
                                  "--client-timeout", str(CLIENT_TIMEOUT), "--allowed-hosts", "chat.example")
-    # a server on CPU compiles its decode step while it starts (the default for long-lived sessions)
-    assert "compiling the decode step" in log_path.read_text() and "decoding eagerly" not in log_path.read_text()
-    yield proc, address
+    # a server on CPU compiles its decode steps while it starts (the default for long-lived sessions): the one for
+    # top-k draws and the one for greedy and whole-vocabulary draws
+    assert log_path.read_text().count("compiling the decode step") == 2
+    assert "decoding eagerly" not in log_path.read_text()
+    yield proc, address, log_path
     proc.terminate()
     proc.wait(timeout=60)
 
@@ -144,6 +146,14 @@ def wait_for(condition, what, timeout=120):
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
     return value
+
+
+def test_every_sampling_a_request_may_choose_was_compiled_while_starting(server_process):
+    _, server, log_path = server_process
+    compiled = log_path.read_text().count("compiling the decode step")
+    for sampling in ({"temperature": 0.0}, {"temperature": 1.3, "top_k": 7}, {"temperature": 0.5, "top_k": 200}):
+        assert len(chat(server, {"messages": QUESTION, "max_tokens": 6, **sampling})) == 6
+    assert log_path.read_text().count("compiling the decode step") == compiled
 
 
 def test_streamed_answer_and_page(server):
@@ -450,7 +460,7 @@ def test_host_header_must_name_this_server(server):
 
 
 def test_endless_body_is_cut_off_without_being_held(server_process):
-    proc, server = server_process
+    proc, server, _ = server_process
     before = get_json(server, "/stats")["rejected"]
     # 64 MiB offered in chunks, without a Content-Length: the server stops reading past 1 MiB and closes
     result, sent, rss_before, rss_peak = probe.probe_endless_body(server, 60, 64 << 20, pid=proc.pid)
