@@ -132,8 +132,8 @@ def main():
             if phase is None:
                 continue
             kind = category(event.name) if phase == "step" else phase
-            picked = phase == "step" and kind == "sampling"  # a compiled step's own sampler ops
-            totals["picked in step" if picked else kind] += event.self_cpu_time_total / 1000
+            in_compiled_step = phase == "step" and kind == "sampling"  # a compiled step's own sampler ops
+            totals["picked in step" if in_compiled_step else kind] += event.self_cpu_time_total / 1000
             if kind != "matmul":
                 by_op[(kind, event.name)] += event.self_cpu_time_total / 1000
         in_step_ops = sum(totals[k] for k in ("matmul", "attention", "kernels", "step overhead"))

@@ -297,7 +297,7 @@ class Decoder:
                 return lambda ids: sampler(self._on_fastest_threads(decoder, cache, ids))
             return lambda ids: sampler(run_step(decoder, cache, ids))
         if mode == "compile" and device.type == "cpu":
-            if sampler.top_k is not None and sampler.temperature > 0:
+            if sampler.draws_top_k:
                 vocab_size = model.lm_head.weight.size(0)
                 return lambda ids: self._compiled_on_cpu(run_step_and_pick, decoder, cache, ids,
                                                          *sampler.step_inputs(ids.size(0), vocab_size))

@@ -78,6 +78,11 @@ class Sampler:
         """logits (B, V) -> next token ids (B, 1)"""
         return sample_next_token(logits, self.generator, self.temperature, self.top_k, self.cap)
 
+    @property
+    def draws_top_k(self):
+        """A top-k draw (not greedy, not over the whole vocabulary): what step_inputs serves."""
+        return self.top_k is not None and self.temperature > 0
+
     def step_inputs(self, batch_size, vocab_size):
         """(noise, temperature) for a top-k draw in decode.run_step_and_pick: what sample_next_token would draw."""
         noise = exponential_noise((batch_size, min(self.top_k, vocab_size)), self.generator)
