@@ -100,7 +100,7 @@ def main():
     engines = {"ours": (Engine, model)}
     if compare_dir:
         cmp_gpt, cmp_engine = load_checkout(compare_dir, "cmp_", ("hardware", "common", "calculator", "collectives",
-                                                                  "muon", "adamw", "loss", "sampling", "decode"),
+                                                                  "muon", "adamw", "loss", "sampling", "gpt", "decode"),
                                           ("gpt", "engine"))
         engines[f"@{os.path.basename(os.path.abspath(compare_dir))}"] = (cmp_engine.Engine, reference_model(cmp_gpt, model))
     for dtype_name in dtypes.split(","):

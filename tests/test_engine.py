@@ -412,6 +412,45 @@ def test_compiled_cpu_decode_compiles_once_for_every_position(model_and_tokenize
 
 
 @pytest.mark.slow
+def test_compiled_cpu_step_is_called_without_dynamo_once_its_guards_pass(model_and_tokenizer, monkeypatch):
+    # once compiled, each step calls the compiled version whose guards pass for its arguments directly, dynamo's own
+    # call only when none does; the guards are checked at every call, so a cache it was not compiled for is refused
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, decode_mode="compile")
+    prompt = tokenizer.encode("a cat")
+    sampling = dict(num_samples=2, max_tokens=12, temperature=0.9, top_k=5, seed=3)
+    first = _columns(engine, prompt, **sampling)  # compiles
+    through_dynamo = []
+    compiled = decode.compiled_step
+
+    def counted(step):
+        through_dynamo.append(step)
+        return compiled(step)
+
+    monkeypatch.setattr(decode, "compiled_step", counted)
+    longer = tokenizer.encode("a cat sat on the mat")
+    assert _columns(engine, prompt, **sampling) == first
+    assert _columns(engine, longer, **sampling) == _columns(Engine(model, tokenizer), longer, **sampling)
+    assert through_dynamo == []
+    call = engine.decoder.direct_calls[(decode.run_step_and_pick, 2)]
+    with torch.inference_mode():  # as in a generation
+        cache = KVCache(2, num_heads=2, seq_len=256, head_dim=16, num_layers=2, dtype=torch.float32)
+        cache.pos = 40
+        args = (engine.decoder.prepared, cache, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 5), torch.tensor(0.9))
+        assert call.serves(args)
+        cache.pos = 256  # no room for the step's keys: the step would grow the cache, which the compiled one cannot
+        assert not call.serves(args)
+        cache.pos = 40
+        bf16_cache = KVCache(2, num_heads=2, seq_len=256, head_dim=16, num_layers=2, dtype=torch.bfloat16)
+        bf16_cache.pos = 40
+        assert not call.serves((args[0], bf16_cache, *args[2:]))
+    assert not call.serves(args)  # outside inference mode
+    assert _columns(engine, prompt, **dict(sampling, num_samples=3)) == \
+        _columns(Engine(model, tokenizer), prompt, **dict(sampling, num_samples=3))
+    assert through_dynamo == [decode.run_step_and_pick]  # a batch size the compiled version does not serve
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decode_with_live_weights_follows_training_without_compiling_again(model_and_tokenizer, dtype):
     # RL trains the model between generations: the compiled CPU step then reads the weights at each call (bf16:
