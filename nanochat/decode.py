@@ -222,7 +222,8 @@ class DirectCall:
     dynamo rewrote it, with the step's globals, where dynamo keeps the compiled graph. Before each call the Decoder
     asks serves(args): the version's guards, all of them, checked as dynamo checks them. Skipped is only dynamo's
     own work around that check (frame evaluation, the lookup and the compiled region's bookkeeping): depth 4,
-    2-core AMD EPYC, 1.08x the tokens/s at batch 1, 1.03x at batch 8 (dev/bench_engine.py --modes=compile).
+    2-core AMD EPYC, 1.08-1.10x the tokens/s at batch 1, 1.03-1.07x at batch 8 (dev/bench_engine.py --compare_dir,
+    two runs).
     """
 
     def __init__(self, step, version):
