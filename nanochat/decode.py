@@ -407,7 +407,7 @@ class Decoder:
     def _compiled_call(self, step, args):
         """step compiled, run on args: as a DirectCall where one serves them, else through dynamo (which compiles
         again if no version does)."""
-        key = (step, args[2].size(0))
+        key = (step, args[2].size(0))  # args[2]: the ids, (B, 1)
         call = self.direct_calls.get(key)
         if call is None or not call.serves(args):
             call = self.direct_calls[key] = DirectCall.find(step, args)

@@ -436,7 +436,8 @@ def test_compiled_cpu_step_is_called_without_dynamo_once_its_guards_pass(model_a
     with torch.inference_mode():  # as in a generation
         cache = KVCache(2, num_heads=2, seq_len=256, head_dim=16, num_layers=2, dtype=torch.float32)
         cache.pos = 40
-        args = (engine.decoder.prepared, cache, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 5), torch.tensor(0.9))
+        ids, noise, temperature = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 5), torch.tensor(0.9)
+        args = (engine.decoder.prepared, cache, ids, noise, temperature)
         assert call.serves(args)
         cache.pos = 256  # no room for the step's keys: the step would grow the cache, which the compiled one cannot
         assert not call.serves(args)
@@ -447,7 +448,7 @@ def test_compiled_cpu_step_is_called_without_dynamo_once_its_guards_pass(model_a
     assert not call.serves(args)  # outside inference mode
     assert _columns(engine, prompt, **dict(sampling, num_samples=3)) == \
         _columns(Engine(model, tokenizer), prompt, **dict(sampling, num_samples=3))
-    assert through_dynamo == [decode.run_step_and_pick]  # a batch size the compiled version does not serve
+    assert through_dynamo == [decode.run_step_and_pick]  # once: a new batch size's first step, which compiles
 
 
 @pytest.mark.slow
