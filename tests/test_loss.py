@@ -64,6 +64,26 @@ def test_chunked_loss_and_grads_match_the_plain_path_fp32(small_chunks, reductio
         torch.testing.assert_close(model(idx, targets, loss_reduction=reduction), ours, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [15.0, 200.0])
+def test_chunked_loss_of_large_logits_is_finite_and_exact(small_chunks, softcap):
+    """Logits near the cap: at 15 the sum of exps is taken without a max (it cannot overflow); at 200, exp(cap)
+    overflows fp32, so the max must come first. Either way the plain path's loss and gradients."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(20, 8, generator=g) * 40).requires_grad_()
+    weight = torch.randn(96, 8, generator=g).requires_grad_()
+    targets = torch.randint(0, 96, (20,), generator=g)
+    ours = softcap_cross_entropy(x, weight, targets, softcap)
+    ours_grads = torch.autograd.grad(ours, (x, weight))
+    logits = softcap * torch.tanh(x @ weight.t() / softcap)
+    assert logits.max() > 0.9 * softcap  # the test reaches the cap
+    plain = F.cross_entropy(logits, targets)
+    plain_grads = torch.autograd.grad(plain, (x, weight))
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
 def test_chunked_loss_gradcheck_fp64(small_chunks):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(17, 6, dtype=torch.float64, generator=g, requires_grad=True)
