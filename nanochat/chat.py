@@ -13,9 +13,11 @@ answer sent back with the next question is rendered with the same special tokens
 
 import codecs
 import re
+import sys
 
 import torch
 
+from nanochat import hardware
 from nanochat.checkpoint_manager import load_model
 from nanochat.decode import choose_decode_dtype
 from nanochat.engine import Engine, answer_enders
@@ -83,6 +85,9 @@ class ChatModel:
         self.device = torch.device(device)
         self.dtype = str(decode_dtype).removeprefix("torch.")
         self.context_len = model.config.sequence_len  # the length the model was trained on
+        if self.device.type == "cpu" and hardware.omp_threads_sleep():
+            print("OMP_WAIT_POLICY=PASSIVE: every decode step waits for sleeping threads to wake (compiled decoding "
+                  "~5x slower on a quiet CPU); unset it to chat faster", file=sys.stderr)
         if decode_mode == "compile":  # compile now, while loading, rather than in the middle of the first answer,
             # the steps that the answers' (temperature, top_k) samplings use: one serves every top-k draw, another
             # greedy and whole-vocabulary ones (decode.Decoder.start)

@@ -44,9 +44,14 @@ CHAT_MAX_TOKENS=${NANOCHAT_RUNCPU_CHAT_MAX_TOKENS:-128}     # longest answer in 
 RL_STEPS=${NANOCHAT_RUNCPU_RL_STEPS:-8}                     # RL steps (4 problems x 4 samples each)
 RL_MAX_TOKENS=${NANOCHAT_RUNCPU_RL_MAX_TOKENS:-64}          # longest sampled answer in RL
 MODEL_TAG="d${DEPTH}"
-# Threads that wait for work sleep instead of spinning: with anything else running on the machine,
-# spinning threads made training ~3x slower here (2.1 s vs 6.1 s per step with other jobs running).
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+# In the training stages, threads that wait for work sleep at once instead of spinning first: with anything else
+# running on the machine, spinning threads made training ~3x slower here (2.1 s vs 6.1 s per step with other jobs
+# running), and on a quiet one it costs nothing (a d4 step 567 vs 574 ms). The stages that generate text keep
+# libgomp's default (spin a little, then sleep): a decode step is dozens of small parallel kernels, and with
+# sleeping threads each waits for a wake-up (a quiet 2-core AMD EPYC: compiled decoding 475 vs 2,356 tok/s at
+# batch 1, 2,091 vs 7,143 at batch 8). An OMP_WAIT_POLICY set by the caller holds for every stage.
+TRAINING_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+training() { OMP_WAIT_POLICY=$TRAINING_WAIT_POLICY "$@"; }
 
 # BASE_DIR, the failing-stage message, stage(), last_checkpoint_step(), print_chat_commands()
 source "$REPO_ROOT/runs/stages.sh" runcpu.sh
@@ -70,7 +75,7 @@ else
     RESUME=""  # empty, or --resume_from_step=N (unquoted below, so empty adds no argument)
     if [ "$LAST_STEP" -ge 0 ]; then RESUME="--resume_from_step=$LAST_STEP"; fi
     echo "[run] $STAGE ${RESUME:+(resuming from step $LAST_STEP)}"
-    python -m scripts.base_train \
+    training python -m scripts.base_train \
         --depth="$DEPTH" --max_seq_len="$SEQ_LEN" \
         --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH" \
         --num_iterations="$STEPS" \
@@ -84,10 +89,10 @@ else
     fi
 fi
 stage "base model loss and samples" "$BASE_DIR/report/base-model-loss.md" \
-    python -m scripts.base_loss --model_tag="$MODEL_TAG" \
+    training python -m scripts.base_loss --model_tag="$MODEL_TAG" \
         --device_batch_size="$DEVICE_BATCH" --split_tokens="$EVAL_TOKENS"
 stage "base model evaluation (CORE)" "$BASE_DIR/base_eval/base_model_$(printf %06d "$STEPS").csv" \
-    python -m scripts.base_eval --model_tag="$MODEL_TAG" --max_per_task="$CORE_MAX_PER_TASK"
+    training python -m scripts.base_eval --model_tag="$MODEL_TAG" --max_per_task="$CORE_MAX_PER_TASK"
 
 # A few samples of the base model, streamed (the report holds base_loss's greedy ones).
 STAGE="samples"
@@ -96,7 +101,7 @@ python -m scripts.sample --model_tag="$MODEL_TAG" --prompt="The capital of Franc
 # Midtraining: the conversation format, multiple choice, the calculator and spelling, on the same packed
 # stream as pretraining; then the chat evaluation (a few problems per task).
 resumable_stage "midtraining" mid_checkpoints "$BASE_DIR/report/midtraining.md" \
-    python -m scripts.mid_train --model_tag="$MODEL_TAG" --max_seq_len="$SEQ_LEN" \
+    training python -m scripts.mid_train --model_tag="$MODEL_TAG" --max_seq_len="$SEQ_LEN" \
         --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH" --num_iterations="$MID_STEPS" \
         --eval_every="$EVAL_EVERY" --eval_tokens="$EVAL_TOKENS"
 stage "chat evaluation (mid)" "$BASE_DIR/report/chat-evaluation-mid.md" \
@@ -104,7 +109,7 @@ stage "chat evaluation (mid)" "$BASE_DIR/report/chat-evaluation-mid.md" \
 
 # SFT: one conversation per row, loss on the assistant's tokens only; then the same evaluation.
 resumable_stage "SFT" chatsft_checkpoints "$BASE_DIR/report/chat-sft.md" \
-    python -m scripts.chat_sft --model_tag="$MODEL_TAG" --num_iterations="$SFT_STEPS" \
+    training python -m scripts.chat_sft --model_tag="$MODEL_TAG" --num_iterations="$SFT_STEPS" \
         --device_batch_size="$((SFT_EXAMPLES / 2))" --target_examples_per_step="$SFT_EXAMPLES" \
         --max_seq_len="$SEQ_LEN" \
         --eval_every="$EVAL_EVERY" --eval_steps=8 --eval_metrics_every=-1 --eval_metrics_max_problems="$CHAT_PROBLEMS"

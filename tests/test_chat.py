@@ -98,6 +98,11 @@ def test_cli_one_prompt_uses_the_calculator(chat_base_dir):
                             cwd=REPO_ROOT, env=cli_env(chat_base_dir), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[calculator: 12*7] = 84\n"  # only the answer on stdout; loading talk goes to stderr
+    assert "OMP_WAIT_POLICY" not in result.stderr
+    sleeping = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "What is 12 times 7?", *CLI_ARGS],
+                              cwd=REPO_ROOT, env={**cli_env(chat_base_dir), "OMP_WAIT_POLICY": "passive"},
+                              capture_output=True, text=True, timeout=300)
+    assert sleeping.stdout == result.stdout and "OMP_WAIT_POLICY=PASSIVE" in sleeping.stderr  # said, not refused
 
 
 @pytest.mark.slow
