@@ -74,11 +74,15 @@ def cpu_has_native_bf16():
 
 
 def cpu_description():
-    """The CPU and its bf16 units, for benchmark headers: 'AMD EPYC (AMX-BF16: no, AVX512-BF16: yes)'."""
+    """
+    The CPU and its bf16 units, for benchmark headers: 'AMD EPYC (AMX-BF16: no, AVX512-BF16: yes)', and how its
+    idle threads wait when that is set (OMP_WAIT_POLICY: decoding speed depends on it, see omp_threads_sleep).
+    """
     flags = cpu_flags()
     units = ", ".join(f"{name}: {'yes' if flag in flags else 'no'}"
                       for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")))
-    return f"{cpu_model()} ({units}{', Arm bf16: yes' if 'bf16' in flags else ''})"
+    wait = f"; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else ""
+    return f"{cpu_model()} ({units}{', Arm bf16: yes' if 'bf16' in flags else ''}){wait}"
 
 
 # glibc's mallopt parameters (malloc.h) and their initial values
