@@ -304,15 +304,11 @@ class Decoder:
         prepared_for = (dtype, eager, [p.data_ptr() for p in params])
         versions = [p._version for p in params]
         live = self.live_weights and not eager
-        if prepared_for != self.prepared_for:
-            self.prepared = prepare_for_decoding(model, dtype, eager, live=live)
+        if prepared_for != self.prepared_for or (versions != self.prepared_versions and not live):
+            self.prepared = prepare_for_decoding(model, dtype, eager, live=live)  # new weights: compile again
             self.prepared_for, self.compiled_steps, self.direct_calls = prepared_for, set(), {}
-        elif versions != self.prepared_versions:
-            if live:
-                refresh_weights(self.prepared)
-            else:
-                self.prepared, self.compiled_steps = prepare_for_decoding(model, dtype, eager), set()
-                self.direct_calls = {}
+        elif versions != self.prepared_versions:  # live weights: the changed ones copied into the prepared copy
+            refresh_weights(self.prepared)
         self.prepared_versions = versions
         return self.prepared
 
