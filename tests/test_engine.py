@@ -337,8 +337,11 @@ def test_static_decode_form_matches_slices(model_and_tokenizer):
 @pytest.mark.parametrize("eager", [False, True], ids=["for-compiling", "eager"])
 def test_prepared_copy_runs_the_models_forward_with_the_same_logits(model_and_tokenizer, eager):
     # the decode step is the model's own forward on a copy with q/k/v stacked: in fp32 the same numbers, also
-    # when the eager copy's modules are called without nn.Module's dispatch
+    # when the eager copy's modules are called without nn.Module's dispatch; where that copy's fp32 matrices are
+    # packed for oneDNN (MKL on its generic code), its sums are oneDNN's: equal up to fp32 rounding
     model, tokenizer = model_and_tokenizer
+    exact = not (eager and can_pack_weights("cpu", torch.float32))
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-4, atol=1e-5)
     decoder = prepare_for_decoding(model, torch.float32, eager=eager)
     assert isinstance(decoder, GPT) and decoder.transformer.wte.weight is model.transformer.wte.weight
     assert (type(decoder) is GPT) != eager
@@ -348,7 +351,37 @@ def test_prepared_copy_runs_the_models_forward_with_the_same_logits(model_and_to
     with torch.no_grad():
         for chunk in (idx[:, :9], idx[:, 9:10], idx[:, 10:11]):
             torch.testing.assert_close(decoder(chunk, kv_cache=caches[0]), model(chunk, kv_cache=caches[1]),
-                                       rtol=0, atol=0)
+                                       **tolerance)
+
+
+@pytest.mark.parametrize("vendor, generic", [("GenuineIntel", False), ("AuthenticAMD", True), (None, False)])
+def test_fp32_decode_matrices_are_packed_where_mkl_runs_its_generic_code(monkeypatch, vendor, generic):
+    fields = {"model name": "some CPU", **({"vendor_id": vendor} if vendor else {})}
+    monkeypatch.setattr(hardware, "cpuinfo", lambda: fields)
+    generic = generic and torch.backends.mkl.is_available()
+    assert hardware.mkl_runs_generic_code() == generic
+    packable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    assert can_pack_weights("cpu", torch.float32) == (generic and packable)
+    assert can_pack_weights("cpu", torch.bfloat16) == packable  # bf16 is packed on every CPU
+    model = _small_gpt(len(CHARS))
+    kinds = {linear.pack for linear in prepare_for_decoding(model, torch.float32, eager=True).modules()
+             if isinstance(linear, PreparedLinear)}
+    assert kinds == {"eager" if generic and packable else None}
+    # live weights (compiled RL rollouts) stay plain in fp32
+    live = prepare_for_decoding(model, torch.float32, eager=False, live=True)
+    assert {linear.pack for linear in live.modules() if isinstance(linear, PreparedLinear)} == {None}
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
+                    reason="this torch has no oneDNN prepacked matmul")
+def test_packed_fp32_matmul_is_the_plain_one_up_to_rounding():
+    # whatever the rows the layout was made for (packing_rows), every row count gets F.linear's result
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 64, generator=generator)
+    linear = PreparedLinear(w, torch.float32, pack="eager")
+    for x in (torch.randn(1, 1, 64, generator=generator), torch.randn(8, 1, 64, generator=generator),
+              torch.randn(1, 37, 64, generator=generator)):
+        torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
