@@ -61,7 +61,8 @@ def session_mode(device):
 def can_pack_weights(device, dtype):
     """
     oneDNN's prepacked matmul: on CPU, in bf16 (plain bf16 matmuls of one row are slow there), and in fp32 where
-    MKL, which serves plain fp32 matmuls, runs its generic code (hardware.mkl_runs_generic_code).
+    MKL, which serves plain fp32 matmuls, runs its generic code (hardware.mkl_runs_generic_code). Packed fp32
+    matrices are a copy: eager fp32 decoding there holds the model's matrices twice.
     """
     packable_dtype = dtype == torch.bfloat16 or (dtype == torch.float32 and hardware.mkl_runs_generic_code())
     return (torch.device(device).type == "cpu" and packable_dtype and torch.backends.mkldnn.is_available()
