@@ -64,9 +64,14 @@ def can_pack_weights(device, dtype):
     MKL, which serves plain fp32 matmuls, runs its generic code (hardware.mkl_runs_generic_code). Packed fp32
     matrices are a copy: eager fp32 decoding there holds the model's matrices twice.
     """
-    packable_dtype = dtype == torch.bfloat16 or (dtype == torch.float32 and hardware.mkl_runs_generic_code())
-    return (torch.device(device).type == "cpu" and packable_dtype and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:  # oneDNN packs bf16 only with AVX512 (BW, VL, DQ) or AVX-NE-CONVERT, else it raises
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        packable_dtype = supported is not None and supported()
+    else:
+        packable_dtype = dtype == torch.float32 and hardware.mkl_runs_generic_code()
+    return packable_dtype and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def packing_rows(dtype):

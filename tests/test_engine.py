@@ -4,6 +4,10 @@ python -m pytest tests/test_engine.py -q
 """
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -362,7 +366,8 @@ def test_fp32_decode_matrices_are_packed_where_mkl_runs_its_generic_code(monkeyp
     assert hardware.mkl_runs_generic_code() == generic
     packable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     assert can_pack_weights("cpu", torch.float32) == (generic and packable)
-    assert can_pack_weights("cpu", torch.bfloat16) == packable  # bf16 is packed on every CPU
+    # bf16 is packed on every CPU whose oneDNN packs bf16
+    assert can_pack_weights("cpu", torch.bfloat16) == (packable and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     model = _small_gpt(len(CHARS))
     kinds = {linear.pack for linear in prepare_for_decoding(model, torch.float32, eager=True).modules()
              if isinstance(linear, PreparedLinear)}
@@ -370,6 +375,27 @@ def test_fp32_decode_matrices_are_packed_where_mkl_runs_its_generic_code(monkeyp
     # live weights (compiled RL rollouts) stay plain in fp32
     live = prepare_for_decoding(model, torch.float32, eager=False, live=True)
     assert {linear.pack for linear in live.modules() if isinstance(linear, PreparedLinear)} == {None}
+
+
+def test_bf16_decoding_runs_where_onednn_cannot_pack_bf16():
+    # oneDNN packs bf16 weights only with AVX512 (BW, VL, DQ) or AVX-NE-CONVERT and raises elsewhere: there the
+    # decode copy keeps plain bf16 matrices. ONEDNN_MAX_CPU_ISA=AVX2 makes any x86 CPU such a one for oneDNN.
+    script = textwrap.dedent("""
+        import torch
+        from nanochat.decode import can_pack_weights
+        from nanochat.engine import Engine
+        from tests.test_engine import CHARS, CharTokenizer, _small_gpt
+        assert not can_pack_weights("cpu", torch.bfloat16)
+        tokenizer = CharTokenizer()
+        engine = Engine(_small_gpt(len(CHARS)), tokenizer, dtype=torch.bfloat16)
+        tokens = [column[0] for column, _ in engine.generate(tokenizer.encode("the cat"), max_tokens=8, temperature=0)]
+        print(len(tokens))
+    """)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "8"
 
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
