@@ -113,7 +113,7 @@ class PreparedLinear(nn.Module):
 
 def attach_packed(weight):
     """Attach weight's oneDNN-packed copy to it, for prepacked_linear (again after every change to weight)."""
-    weight.onednn_packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    weight.onednn_packed = torch.ops.mkldnn._reorder_linear_weight(weight, packing_rows(weight.dtype))
 
 
 @torch.library.custom_op("nanochat::prepacked_linear", mutates_args=())
@@ -126,7 +126,7 @@ def prepacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     packed = getattr(weight, "onednn_packed", None)
     if packed is None:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, packing_rows(weight.dtype))
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
 
 
@@ -142,8 +142,7 @@ def prepare_for_decoding(model, dtype, eager, live=False):
     live=True (compiled, weights that change): matrices refreshed in place by refresh_weights.
     """
     packable = can_pack_weights(model.get_device(), dtype)
-    # live weights packed in bf16 only: fp32 ones were not measured (a compiled fp32 step otherwise uses inductor's)
-    pack = "eager" if eager and packable else "live" if live and packable and dtype == torch.bfloat16 else None
+    pack = "eager" if eager and packable else "live" if live and packable else None
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     decoder = copy.deepcopy(model, memo=shared)  # the modules are copied, the tensors shared
     for block in decoder.transformer.h:

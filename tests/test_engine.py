@@ -372,9 +372,10 @@ def test_fp32_decode_matrices_are_packed_where_mkl_runs_its_generic_code(monkeyp
     kinds = {linear.pack for linear in prepare_for_decoding(model, torch.float32, eager=True).modules()
              if isinstance(linear, PreparedLinear)}
     assert kinds == {"eager" if generic and packable else None}
-    # live weights (compiled RL rollouts) stay plain in fp32
+    # live weights (compiled RL rollouts) likewise, through prepacked_linear
     live = prepare_for_decoding(model, torch.float32, eager=False, live=True)
-    assert {linear.pack for linear in live.modules() if isinstance(linear, PreparedLinear)} == {None}
+    assert {linear.pack for linear in live.modules() if isinstance(linear, PreparedLinear)} == {
+        "live" if generic and packable else None}
 
 
 def test_bf16_decoding_runs_where_onednn_cannot_pack_bf16():
@@ -408,6 +409,7 @@ def test_packed_fp32_matmul_is_the_plain_one_up_to_rounding():
     for x in (torch.randn(1, 1, 64, generator=generator), torch.randn(8, 1, 64, generator=generator),
               torch.randn(1, 37, 64, generator=generator)):
         torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prepacked_linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
