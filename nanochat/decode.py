@@ -62,7 +62,7 @@ def can_pack_weights(device, dtype):
     """
     oneDNN's prepacked matmul: on CPU, in bf16 (plain bf16 matmuls of one row are slow there), and in fp32 where
     MKL, which serves plain fp32 matmuls, runs its generic code (hardware.mkl_runs_generic_code). Packed fp32
-    matrices are a copy: eager fp32 decoding there holds the model's matrices twice.
+    matrices are a copy: fp32 decoding there (eager, or with live weights) holds the model's matrices twice.
     """
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
