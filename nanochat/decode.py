@@ -74,13 +74,13 @@ def can_pack_weights(device, dtype):
     return packable_dtype and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def packing_rows(dtype):
+def onednn_packed(weight):
     """
-    The rows oneDNN lays a packed weight out for. In fp32 the layout for 1 row made matmuls of 8 rows slow, and the
-    one for 8 is as fast for 1 (2-core AMD EPYC, 8 x 256 times 256 x 8192: 438 vs 178 us; 1 row: 83 vs 80 us); in
-    bf16 it made no difference, and the bf16 path keeps 1.
+    weight reordered into oneDNN's blocked layout, laid out for a number of rows: in fp32 the layout for 1 row made
+    matmuls of 8 rows slow, and the one for 8 is as fast for 1 (2-core AMD EPYC, 8 x 256 times 256 x 8192: 438 vs
+    178 us; 1 row: 83 vs 80 us); in bf16 it made no difference, and the bf16 path keeps 1.
     """
-    return 8 if dtype == torch.float32 else 1
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 8 if weight.dtype == torch.float32 else 1)
 
 
 class PreparedLinear(nn.Module):
@@ -98,7 +98,7 @@ class PreparedLinear(nn.Module):
         self.dtype, self.pack = dtype, pack
         weight = weight.detach().to(dtype)  # the model's own tensor when dtype is its dtype: no copy
         if pack == "eager":
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight, packing_rows(dtype))
+            weight = onednn_packed(weight)
         self.register_buffer("weight", weight, persistent=False)
         if pack == "live":
             attach_packed(self.weight)
@@ -113,7 +113,7 @@ class PreparedLinear(nn.Module):
 
 def attach_packed(weight):
     """Attach weight's oneDNN-packed copy to it, for prepacked_linear (again after every change to weight)."""
-    weight.onednn_packed = torch.ops.mkldnn._reorder_linear_weight(weight, packing_rows(weight.dtype))
+    weight.onednn_packed = onednn_packed(weight)
 
 
 @torch.library.custom_op("nanochat::prepacked_linear", mutates_args=())
@@ -126,7 +126,7 @@ def prepacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     packed = getattr(weight, "onednn_packed", None)
     if packed is None:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, packing_rows(weight.dtype))
+        packed = onednn_packed(weight)
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
 
 

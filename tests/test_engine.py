@@ -402,7 +402,7 @@ def test_bf16_decoding_runs_where_onednn_cannot_pack_bf16():
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
                     reason="this torch has no oneDNN prepacked matmul")
 def test_packed_fp32_matmul_is_the_plain_one_up_to_rounding():
-    # whatever the rows the layout was made for (packing_rows), every row count gets F.linear's result
+    # whatever the rows the layout was made for (decode.onednn_packed), every row count gets F.linear's result
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(300, 64, generator=generator)
     linear = PreparedLinear(w, torch.float32, pack="eager")
