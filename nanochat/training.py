@@ -1,5 +1,5 @@
 """
-What the training scripts (base_train, mid_train, chat_sft) share besides the model and optimizers:
+What the training scripts (base_train, mid_train, chat_sft, chat_rl) share besides the model and optimizers:
 the pieces that make a run stoppable and exactly resumable.
 
 - random-number state in and out of a checkpoint's meta file (JSON-safe);
@@ -7,7 +7,9 @@ the pieces that make a run stoppable and exactly resumable.
 - Ctrl-C / SIGTERM turned into a request the loop acts on between steps;
 - warnings for settings that changed since the run being resumed;
 - the choices a run makes by measuring the machine, saved with it and made alike by a resumed run;
-- Muon's momentum warm-up, the same in every phase.
+- Muon's momentum warm-up, the same in every phase;
+- one optimization step's shared ends: stopping before a loss of inf/nan reaches the weights, and the
+  learning rates set from the schedule's multiplier.
 """
 
 import base64
@@ -21,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat import hardware
-from nanochat.checkpoint_manager import load_checkpoint
-from nanochat.common import atomic_write, print0
+from nanochat.checkpoint_manager import list_steps, load_checkpoint
+from nanochat.common import atomic_write, fail, print0
 
 
 def _encode_tensor_state(state):
@@ -223,3 +225,22 @@ def muon_momentum(step):
     """Muon's momentum ramps 0.85 -> 0.95 over the first 300 steps (as in the reference)."""
     frac = min(step / 300, 1)
     return (1 - frac) * 0.85 + frac * 0.95
+
+
+def stop_on_nonfinite_loss(loss_name, step, checkpoint_dir, advice=""):
+    """
+    End the run before a loss of inf/nan updates the weights, naming the checkpoint to continue from. Called
+    once the flag is summed over ranks, so every rank stops alike and rank 0 alone says why.
+    """
+    saved = list_steps(checkpoint_dir)
+    last_good = (f"the last good checkpoint is step {saved[-1]} in {checkpoint_dir} "
+                 f"(continue with --resume_from_step={saved[-1]})" if saved else "no checkpoint was saved before it")
+    fail(f"the {loss_name} became nan/inf at step {step}; stopped before updating the weights: {last_good}{advice}",
+         every_rank_agrees=True)
+
+
+def set_learning_rates(optimizers, multiplier):
+    """Every group's learning rate at this step: the rate it was built with, scaled by the schedule."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier

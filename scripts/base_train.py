@@ -24,7 +24,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_base_dir, autodetect_device_type,
                              DummyWandb, format_seconds)
 from nanochat.configurator import configure
-from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, list_steps
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.gpt import GPT, depth_config
 from nanochat.dataloader import tokenizing_distributed_data_loader, gather_loader_state
@@ -33,7 +33,8 @@ from nanochat.core_eval import evaluate_core, ensure_eval_bundle
 from nanochat.engine import SAMPLE_PROMPTS, greedy_sample
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
                                muon_momentum, saved_machine_choices, machine_choices, use_bf16_autocast,
-                               use_torch_compile, reuse_newton_schulz_dtype, reuse_thread_count)
+                               use_torch_compile, reuse_newton_schulz_dtype, reuse_thread_count,
+                               stop_on_nonfinite_loss, set_learning_rates)
 from nanochat.report import get_report
 from nanochat import hardware
 
@@ -440,20 +441,14 @@ while True:
     stop_now = any_stop > 0
     save_due = any_save_due > 0
     if any_nonfinite > 0:
-        saved = list_steps(checkpoint_dir)
-        last_good = (f"The last good checkpoint is step {saved[-1]} in {checkpoint_dir} "
-                     f"(continue with --resume_from_step={saved[-1]})"
-                     if saved else "No checkpoint was saved before it")
         step_log.close()
-        fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights. "
-             f"{last_good}; a lower learning rate or --grad_clip may help.", every_rank_agrees=True)
+        stop_on_nonfinite_loss("training loss", step, checkpoint_dir,
+                               advice="; a lower learning rate or --grad_clip may help")
     grad_norm = None
     if grad_clip > 0.0:
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), grad_clip).item()
     lrm = get_lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+    set_learning_rates(optimizers, lrm)
     for group in muon_optimizer.param_groups:
         group["momentum"] = muon_momentum(step)
     for opt in optimizers:

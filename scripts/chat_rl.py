@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import hardware
-from nanochat.checkpoint_manager import (CHECKPOINT_FOLDERS, build_model, find_largest_model, list_steps,
+from nanochat.checkpoint_manager import (CHECKPOINT_FOLDERS, build_model, find_largest_model,
                                          load_model, save_checkpoint)
 from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init, fail,
                              format_seconds, get_base_dir, print0)
@@ -37,7 +37,8 @@ from nanochat.report import get_report
 from nanochat.rl import (COMPILED_ROW_MULTIPLE, pass_at_k, policy, policy_gradient_loss, rollouts, sample_outcomes,
                          zero_missing_grads)
 from nanochat.training import (StepLog, StopRequest, warn_changed_settings, saved_machine_choices, machine_choices,
-                               use_bf16_autocast, use_torch_compile, finetuning_optimizers, reuse_thread_count)
+                               use_bf16_autocast, use_torch_compile, finetuning_optimizers, reuse_thread_count,
+                               stop_on_nonfinite_loss, set_learning_rates)
 from tasks.gsm8k import GSM8K
 
 # -----------------------------------------------------------------------------
@@ -303,14 +304,9 @@ while True:
     reward_sum, completion_sum, samples, loss_total, any_nonfinite, any_stop, step_trained_tokens = sums
     stop_now = any_stop > 0
     if any_nonfinite > 0:
-        saved = list_steps(checkpoint_dir)
-        hint = (f"the last good checkpoint is step {saved[-1]} (--resume_from_step={saved[-1]})" if saved
-                else "no checkpoint was saved before it")
-        fail(f"the policy-gradient loss became nan/inf at step {step}; stopped before updating the weights: {hint}")
+        stop_on_nonfinite_loss("policy-gradient loss", step, checkpoint_dir)
     lrm = get_lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+    set_learning_rates(optimizers, lrm)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_base_dir, autodetect_device_type, DummyWandb,
                              format_seconds)
 from nanochat.configurator import configure
-from nanochat.checkpoint_manager import (load_model, build_model, save_checkpoint, list_steps,
+from nanochat.checkpoint_manager import (load_model, build_model, save_checkpoint,
                                          find_largest_model, CHECKPOINT_FOLDERS)
 from nanochat.chat_dataloader import sft_loader
 from nanochat.dataloader import gather_loader_state
@@ -33,7 +33,7 @@ from nanochat.chat_eval import run_chat_eval
 from nanochat.engine import Engine
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
                                saved_machine_choices, machine_choices, use_bf16_autocast, finetuning_optimizers,
-                               reuse_thread_count)
+                               reuse_thread_count, stop_on_nonfinite_loss, set_learning_rates)
 from nanochat.report import get_report
 from nanochat import hardware
 from tasks import load_eval_task
@@ -298,14 +298,9 @@ while True:
     train_loss /= ddp_world_size
     stop_now = any_stop > 0
     if any_nonfinite > 0:
-        saved = list_steps(checkpoint_dir)
-        hint = (f"the last good checkpoint is step {saved[-1]} (--resume_from_step={saved[-1]})" if saved
-                else "no checkpoint was saved before it")
-        fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights: {hint}")
+        stop_on_nonfinite_loss("training loss", step, checkpoint_dir)
     lrm = get_lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+    set_learning_rates(optimizers, lrm)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, fail, print0, get_base_dir, autodetect_device_type, DummyWandb,
                              format_seconds)
 from nanochat.configurator import configure
-from nanochat.checkpoint_manager import (load_model, build_model, save_checkpoint, list_steps,
+from nanochat.checkpoint_manager import (load_model, build_model, save_checkpoint,
                                          find_largest_model, CHECKPOINT_FOLDERS)
 from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_dataloader import packed_conversation_loader
@@ -34,7 +34,8 @@ from nanochat.dataloader import gather_loader_state
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.training import (capture_rng_state, restore_rng_state, warn_changed_settings, StepLog, StopRequest,
                                muon_momentum, saved_machine_choices, machine_choices, use_bf16_autocast,
-                               use_torch_compile, finetuning_optimizers, reuse_thread_count)
+                               use_torch_compile, finetuning_optimizers, reuse_thread_count,
+                               stop_on_nonfinite_loss, set_learning_rates)
 from nanochat.report import get_report
 from nanochat import hardware
 from tasks.common import TaskMixture
@@ -300,15 +301,10 @@ while True:
     train_loss /= ddp_world_size
     stop_now, epoch_done = any_stop > 0, any_wrapped > 0
     if any_nonfinite > 0:
-        saved = list_steps(checkpoint_dir)
-        hint = (f"the last good checkpoint is step {saved[-1]} (--resume_from_step={saved[-1]})" if saved
-                else "no checkpoint was saved before it")
-        fail(f"the training loss became nan/inf at step {step}; stopped before updating the weights: {hint}")
+        stop_on_nonfinite_loss("training loss", step, checkpoint_dir)
     progress = step / num_iterations if num_iterations > 0 else min(loader_state["epoch_fraction"], 1.0)
     lrm = get_lr_multiplier(progress)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+    set_learning_rates(optimizers, lrm)
     for group in muon_optimizer.param_groups:
         group["momentum"] = muon_momentum(step)
     for opt in optimizers:

@@ -170,3 +170,23 @@ def test_timed_saves(stop_base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_MAX_SHARD", "3")
     assert run_train([*TOY, "--model_tag=timed", "--save_every_minutes=0.00001", "--eval_every=-1"]) == 0
     assert list_steps(str(stop_base_dir / "base_checkpoints" / "timed")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_nonfinite_loss_names_the_checkpoint_to_continue_from_once(tmp_path, monkeypatch, capsys):
+    import pytest
+    import torch
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.training import stop_on_nonfinite_loss
+    for step in (4, 8):
+        save_checkpoint(str(tmp_path), step, {"w": torch.zeros(2)}, None, {"step": step})
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as stopped:
+        stop_on_nonfinite_loss("policy-gradient loss", 11, str(tmp_path))
+    assert stopped.value.code == 1  # torchrun reports this rank's failure
+    said = capsys.readouterr().out
+    assert said.startswith("error: the policy-gradient loss became nan/inf at step 11") and "--resume_from_step=8" in said
+    monkeypatch.setenv("RANK", "1")  # the other ranks saw the same summed flag: they leave quietly
+    with pytest.raises(SystemExit) as stopped:
+        stop_on_nonfinite_loss("policy-gradient loss", 11, str(tmp_path / "empty"))
+    assert stopped.value.code == 0 and capsys.readouterr().out == ""
