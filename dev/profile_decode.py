@@ -13,8 +13,8 @@ Categories, by self time of the profiled ops: matmul = the compiled step's GEMM 
 attention = the fused kernel holding the attention's softmax, or the eager SDPA op; kernels = the step's other
 ops; step overhead = torch.compile's own ranges (dynamo's guards, the generated code's Python wrapper) and
 the step's wall time outside any op; sampling = the sampler (sampling.Sampler: its ops and its Python, and in a
-compiled CPU step the top-k and the kernels that pick: decode.run_step_and_pick); engine loop = the rest (the
-rows' bookkeeping, the next ids, and the prompt's prefill spread over the steps).
+compiled CPU step the top-k and the kernels that pick: decode.run_step_and_pick, run_step_and_argmax); engine
+loop = the rest (the rows' bookkeeping, the next ids, and the prompt's prefill spread over the steps).
 The profiler adds a few microseconds per op: the profiled step is slower than the unprofiled tokens/s says.
 """
 

@@ -90,7 +90,7 @@ class ChatModel:
                   "~5x slower on a quiet CPU); unset it to chat faster", file=sys.stderr)
         if decode_mode == "compile":  # compile now, while loading, rather than in the middle of the first answer,
             # the steps that the answers' (temperature, top_k) samplings use: one serves every top-k draw, another
-            # greedy and whole-vocabulary ones (decode.Decoder.start)
+            # greedy ones, a third whole-vocabulary ones (decode.Decoder.start)
             for temperature, top_k in samplings:
                 for _ in self.engine.generate([tokenizer.get_bos_token_id()], max_tokens=2, temperature=temperature,
                                               top_k=top_k):

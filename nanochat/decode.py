@@ -11,15 +11,15 @@ it when the model's parameters change.
 Modes (MODES, chosen per Engine):
 - "eager": plain PyTorch ops. On CPU with several threads, the first steps of each batch size time one
   thread against torch's number and keep the faster (a matmul of a few rows can lose by waking the others).
-- "compile": torch.compile of the step. On CPU the weights are frozen into the generated code and the cache
-  position is symbolic, so one compiled step per batch size serves every position and prompt (see
-  cpu_compile_settings), and a top-k draw happens in that code too (run_step_and_pick: the sampler's top-k,
-  softmax and pick, given the random numbers drawn outside it); elsewhere the fixed-shape form is compiled (the
-  position held in a tensor on the device, attention over the cache's whole capacity with the unwritten positions
-  masked out). Once compiled, a CPU step calls the compiled version whose guards pass as a plain function
-  (DirectCall), without dynamo's own per-call work. With live weights (a model trained between generations, as
-  in RL) the CPU step reads the weights at each call instead, its matmuls through prepacked_linear, so an
-  optimizer step does not compile it again.
+- "compile": torch.compile of the step. On CPU the weights are frozen into the generated code and the cache position
+  is symbolic, so one compiled step per batch size serves every position and prompt (see cpu_compile_settings), and
+  a top-k draw happens in that code too (run_step_and_pick: the sampler's top-k, softmax and pick, given the random
+  numbers drawn outside it), as does a greedy one (run_step_and_argmax); elsewhere the fixed-shape form is compiled
+  (the position held in a tensor on the device, attention over the cache's whole capacity with the unwritten
+  positions masked out). Once compiled, a CPU step calls the compiled version whose guards pass as a plain function
+  (DirectCall), without dynamo's own per-call work. With live weights (a model trained between generations, as in
+  RL) the CPU step reads the weights at each call instead, its matmuls through prepacked_linear, so an optimizer
+  step does not compile it again.
 - "cuda_graph": the fixed-shape form captured once as a CUDA graph and replayed: one launch per token.
 A compile or capture that fails says so once, and the Decoder decodes eagerly from then on.
 """
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from nanochat import hardware
 from nanochat.common import print0
 from nanochat.gpt import soft_cap
-from nanochat.sampling import pick_top_k
+from nanochat.sampling import greedy, pick_top_k
 
 MODES = ("eager", "compile", "cuda_graph")
 
@@ -207,6 +207,15 @@ def run_step_and_pick(decoder, cache, ids, noise, temperature):
     return pick_top_k(run_step(decoder, cache, ids), noise, temperature, cap=soft_cap)
 
 
+def run_step_and_argmax(decoder, cache, ids):
+    """
+    run_step, then the greedy next tokens (B, 1). Compiled, the argmax runs in the step's generated code instead of
+    as a cast and an argmax after it: depth 4, 2-core AMD EPYC, 1.05-1.06x the tokens/s at batch 1, 1.04-1.10x at
+    batch 8 (dev/bench_engine.py --workloads=greedy --compare_dir, two runs).
+    """
+    return greedy(run_step(decoder, cache, ids))
+
+
 def _guards_worth_checking(guards):
     """
     Of dynamo's guards on a compiled step, keep all but those on the prepared copy's module attributes (types,
@@ -219,8 +228,8 @@ def _guards_worth_checking(guards):
 
 @functools.lru_cache(maxsize=None)
 def compiled_step(step=run_step):
-    """torch.compile(step) (run_step or run_step_and_pick), made on first use (one per process and step function;
-    it compiles again per weights and batch size)."""
+    """torch.compile(step) (run_step, run_step_and_pick or run_step_and_argmax), made on first use (one per process
+    and step function; it compiles again per weights and batch size)."""
     return torch.compile(step, fullgraph=True, options={"guard_filter_fn": _guards_worth_checking})
 
 
@@ -239,12 +248,12 @@ def compiled_versions(step):
 
 class DirectCall:
     """
-    One compiled version of a step (run_step or run_step_and_pick) as a plain function: the step's bytecode as
-    dynamo rewrote it, with the step's globals, where dynamo keeps the compiled graph. Before each call the Decoder
-    asks serves(args): the version's guards, all of them, checked as dynamo checks them. Skipped is only dynamo's
-    own work around that check (frame evaluation, the lookup and the compiled region's bookkeeping): depth 4,
-    2-core AMD EPYC, 1.08-1.10x the tokens/s at batch 1, 1.03-1.07x at batch 8 (dev/bench_engine.py --compare_dir,
-    two runs).
+    One compiled version of a step (run_step, run_step_and_pick or run_step_and_argmax) as a plain function: the
+    step's bytecode as dynamo rewrote it, with the step's globals, where dynamo keeps the compiled graph. Before
+    each call the Decoder asks serves(args): the version's guards, all of them, checked as dynamo checks them.
+    Skipped is only dynamo's own work around that check (frame evaluation, the lookup and the compiled region's
+    bookkeeping): depth 4, 2-core AMD EPYC, 1.08-1.10x the tokens/s at batch 1, 1.03-1.07x at batch 8
+    (dev/bench_engine.py --compare_dir, two runs).
     """
 
     def __init__(self, step, version):
@@ -350,8 +359,8 @@ class Decoder:
         """
         A step function for one generation on this cache: ids (B, 1) -> the next ids (B, 1), drawn by sampler (a
         sampling.Sampler) from the logits run_step gives. A compiled CPU step draws top-k in its own code
-        (run_step_and_pick, one compiled step for every k and temperature); greedy and whole-vocabulary draws
-        compile run_step.
+        (run_step_and_pick, one compiled step for every k and temperature), greedy ones in another
+        (run_step_and_argmax); whole-vocabulary draws compile run_step and sample after it.
         """
         device = cache.k[0].device
         mode, eager = self._mode_on(device)
@@ -367,6 +376,8 @@ class Decoder:
                 vocab_size = model.lm_head.weight.size(0)
                 return lambda ids: self._compiled_on_cpu(run_step_and_pick, decoder, cache, ids,
                                                          *sampler.step_inputs(ids.size(0), vocab_size))
+            if sampler.temperature == 0:
+                return lambda ids: self._compiled_on_cpu(run_step_and_argmax, decoder, cache, ids)
             return lambda ids: sampler(self._compiled_on_cpu(run_step, decoder, cache, ids))
         cache.hold_position_on_device()  # the fixed-shape form: the compiled step or graph serves every position
         if mode == "compile":
@@ -397,8 +408,8 @@ class Decoder:
         return logits
 
     def _compiled_on_cpu(self, step, decoder, cache, ids, *pick_inputs):
-        """step (run_step, or run_step_and_pick with its noise and temperature) compiled, at its first call per batch
-        size with the settings of cpu_compile_settings."""
+        """step (run_step, run_step_and_argmax, or run_step_and_pick with its noise and temperature) compiled, at its
+        first call per batch size with the settings of cpu_compile_settings."""
         args = (decoder, cache, ids, *pick_inputs)
         eager = functools.partial(step, *args)
         if self.failed or (step, ids.size(0)) in self.compiled_steps:

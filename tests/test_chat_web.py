@@ -67,7 +67,7 @@ def server_process(chat_base_dir, tmp_path_factory):
                                  "--max-connections", str(MAX_CONNECTIONS), "--max-queue", str(MAX_QUEUE),
                                  "--client-timeout", str(CLIENT_TIMEOUT), "--allowed-hosts", "chat.example")
     # a server on CPU compiles its decode steps while it starts (the default for long-lived sessions): the one for
-    # top-k draws and the one for greedy and whole-vocabulary draws
+    # top-k draws and the one for greedy draws (temperature 0, as OpenAI clients often send)
     assert log_path.read_text().count("compiling the decode step") == 2
     assert "decoding eagerly" not in log_path.read_text()
     yield proc, address, log_path

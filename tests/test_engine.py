@@ -438,7 +438,8 @@ def test_compiled_decode_matches_eager(model_and_tokenizer, capsys):
 def test_compiled_cpu_decode_draws_what_eager_draws_with_one_step_for_every_top_k(model_and_tokenizer):
     # the compiled CPU step draws top-k in its own code, given the random numbers drawn outside it: the same tokens
     # as the eager sampler from the same seed, at any top_k (more than the vocabulary too) and temperature, all from
-    # one compiled step; greedy and the whole vocabulary share another (the plain step and the eager sampler)
+    # one compiled step; greedy takes another (the argmax in its code), the whole vocabulary a third (the plain step
+    # and the eager sampler)
     model, tokenizer = model_and_tokenizer
     prompt = tokenizer.encode("a cat")
     compiled, eager = Engine(model, tokenizer, decode_mode="compile"), Engine(model, tokenizer)
@@ -453,7 +454,9 @@ def test_compiled_cpu_decode_draws_what_eager_draws_with_one_step_for_every_top_
     for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=None)):
         kwargs.update(num_samples=3, max_tokens=16, seed=7)
         assert _columns(compiled, prompt, **kwargs) == _columns(eager, prompt, **kwargs)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
+    assert {step for step, _ in compiled.decoder.compiled_steps} == {
+        decode.run_step_and_pick, decode.run_step_and_argmax, decode.run_step}
 
 
 @pytest.mark.slow
