@@ -1,6 +1,7 @@
 """
 Stopping a training run: a launcher's echo of Ctrl-C is not a second Ctrl-C, a real second one stops at
-once, and CORE evaluation ends between tasks when a stop is requested.
+once, CORE evaluation ends between tasks when a stop is requested, and a loss of inf/nan stops every rank
+before the weights change.
 """
 
 import os
@@ -173,8 +174,6 @@ def test_timed_saves(stop_base_dir, monkeypatch):
 
 
 def test_a_nonfinite_loss_names_the_checkpoint_to_continue_from_once(tmp_path, monkeypatch, capsys):
-    import pytest
-    import torch
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.training import stop_on_nonfinite_loss
     for step in (4, 8):
