@@ -58,6 +58,22 @@ def session_mode(device):
     return "compile" if torch.device(device).type == "cpu" else None
 
 
+# A job of this many completions or more (per process) compiles its decode step on CPU. chat_eval's GSM8K on
+# runcpu.sh's depth-4 SFT model, fp32, 2-core AMD EPYC: eager 0.29 s a problem, compiled 0.066 s after a compile of
+# ~12 s with torch's cache warm (200 problems: 58.2 s eager, 25.3 s compiled in all) and ~54 s cold, so it repays
+# even a cold compile from ~240 completions on; deeper models pay off sooner (eager slows faster than compiling).
+COMPILE_MIN_COMPLETIONS = 256
+
+
+def job_mode(device, completions):
+    """
+    The decode mode for a job of many separate generations (chat_eval's generative tasks: `completions` to draw in
+    this process): on CPU compiled where there are enough of them to repay the compile (COMPILE_MIN_COMPLETIONS),
+    else, and elsewhere, the device's default.
+    """
+    return "compile" if torch.device(device).type == "cpu" and completions >= COMPILE_MIN_COMPLETIONS else None
+
+
 def can_pack_weights(device, dtype):
     """
     oneDNN's prepacked matmul: on CPU, in bf16 (plain bf16 matmuls of one row are slow there), and in fp32 where

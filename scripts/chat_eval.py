@@ -23,7 +23,7 @@ import torch
 from nanochat.common import compute_init, compute_cleanup, fail, print0, autodetect_device_type
 from nanochat.configurator import configure
 from nanochat.checkpoint_manager import load_model
-from nanochat.decode import check_mode as check_decode_mode
+from nanochat.decode import check_mode as check_decode_mode, job_mode
 from nanochat.engine import Engine
 from nanochat.chat_eval import ALL_TASKS, BASELINE_ACCURACY, run_chat_eval, centered_accuracy, chatcore
 from nanochat.report import get_report
@@ -48,7 +48,7 @@ max_new_tokens = 512  # -m: longest completion
 # Runtime
 device_type = ""  # cuda|cpu|mps ("" = autodetect)
 dtype = "auto"  # auto|bfloat16|float32 (auto = bf16 autocast on CUDA, fp32 elsewhere)
-decode_mode = ""  # eager|compile|cuda_graph for the generative tasks ("" = cuda_graph on CUDA, eager elsewhere)
+decode_mode = ""  # eager|compile|cuda_graph for generative tasks ("" = cuda_graph on CUDA; CPU: compile for 256+ draws)
 SHORT_FLAGS = {"-i": "source", "-a": "task_name", "-x": "max_problems", "-b": "batch_size", "-n": "num_samples",
                "-t": "temperature", "-k": "top_k", "-m": "max_new_tokens", "-g": "model_tag", "-s": "step",
                "-d": "dtype"}
@@ -85,6 +85,12 @@ accuracies, problems, seconds = {}, {}, {}
 for name in task_names:
     print0(f"{name}:")
     task = load_eval_task(name)
+    if task.eval_type == "generative" and not decode_mode and engine.decoder.mode is None:
+        task_problems = min(len(task), max_problems) if max_problems > 0 else len(task)
+        completions = -(-task_problems // ddp_world_size) * num_samples  # on this rank
+        if job_mode(device, completions) == "compile":  # compiled from here on: later tasks reuse the step
+            print0(f"{completions} completions to draw per process: decoding compiled (decode.job_mode)")
+            engine = Engine(model, tokenizer, decode_mode="compile")
     t0 = time.time()
     with autocast_ctx:
         accuracies[name], problems[name] = run_chat_eval(

@@ -198,6 +198,23 @@ def test_chat_eval_scores_every_task_and_reports(base_dir, sft_run, capsys):
     assert run_script("scripts.chat_eval", ["-i", "sft", "-a", "ARC-Easy|NoSuchTask"]) == 1
 
 
+def test_chat_eval_compiles_its_decoding_for_many_completions(base_dir, sft_run, capsys, monkeypatch):
+    # on CPU the generative tasks decode eagerly unless they draw decode.COMPILE_MIN_COMPLETIONS completions or
+    # more (here 3: GSM8K's 3 problems); once compiled, the next task reuses the step (compiled and eager draw the
+    # same tokens: tests/test_engine.py)
+    from nanochat import decode
+    monkeypatch.setattr(decode, "COMPILE_MIN_COMPLETIONS", 3)
+    args = ["-i", "sft", "-g", "d1", "-a", "ARC-Easy|GSM8K|HumanEval", "-m", "8", "--device_type=cpu"]
+    assert run_script("scripts.chat_eval", [*args, "-x", "2"]) == 0
+    eager = capsys.readouterr().out
+    assert "decoding compiled" not in eager and "compiling the decode step" not in eager
+    assert run_script("scripts.chat_eval", [*args, "-x", "3"]) == 0
+    compiled = capsys.readouterr().out
+    assert compiled.count("3 completions to draw per process: decoding compiled") == 1  # at GSM8K, not again
+    assert compiled.count("compiling the decode step") == 1
+    assert compiled.index("ARC-Easy accuracy") < compiled.index("decoding compiled") < compiled.index("GSM8K accuracy")
+
+
 def test_dry_runs_and_help(base_dir, capsys):
     """The reference's mixtures and horizons, printed without training; --help lists the settings by group."""
     assert run_script("scripts.mid_train", ["--dry_run", "--device_type=cpu", "--model_tag=d1", "--max_seq_len=32",
