@@ -61,7 +61,7 @@ def session_mode(device):
 # A job of this many completions or more (per process) compiles its decode step on CPU. chat_eval's GSM8K on
 # runcpu.sh's depth-4 SFT model, fp32, 2-core AMD EPYC: eager 0.29 s a problem, compiled 0.066 s after a compile of
 # ~12 s with torch's cache warm (200 problems: 58.2 s eager, 25.3 s compiled in all); 256 problems with the compile
-# cache empty: 59.8 s compiled, 80.5 s eager. Deeper models pay off sooner (eager slows faster than compiling).
+# cache empty: 59.8 s compiled, 80.5 s eager. Measured at depth 4 only.
 COMPILE_MIN_COMPLETIONS = 256
 
 
