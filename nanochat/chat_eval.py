@@ -56,7 +56,8 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        logits = model(ids)  # (B, T, V)
+        answer_positions = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        logits = model(ids, positions=answer_positions)  # (B, 1, V): the lm_head at the answer positions only
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
             letters = conversation["letters"]
             for letter in letters:
@@ -65,7 +66,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
                     if len(encoded) != 1:
                         raise ValueError(f"answer letter {letter!r} is {len(encoded)} tokens; it must be one")
                     letter_ids[letter] = encoded[0]
-            choice_logits = logits[row, len(prompt) - 1, [letter_ids[l] for l in letters]]
+            choice_logits = logits[row, 0, [letter_ids[l] for l in letters]]
             predicted = letters[choice_logits.argmax().item()]
             passed += int(task.evaluate(conversation, predicted))
             total += 1

@@ -302,11 +302,13 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]  # LR schedules multiply this
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True,
+                positions=None):
         """
         idx (B, T) -> logits (B, T, vocab) in fp32, or with targets (B, T) the loss. last_only=True returns
         the logits of the last position only, (B, 1, vocab): all a prefill needs, without the lm_head
-        and soft-cap over the other T - 1 positions (half of a 500-token prefill at depth 4).
+        and soft-cap over the other T - 1 positions (half of a 500-token prefill at depth 4). positions (B,)
+        returns those of one position per row, (B, 1, vocab): a padded batch's last prompt tokens.
         capped=False returns the lm_head's logits before soft_cap, in its dtype (bf16 under bf16 autocast), for a
         sampler that upcasts and caps only those it keeps.
         """
@@ -331,7 +333,9 @@ class GPT(nn.Module):
         if targets is not None:  # the same loss as F.cross_entropy of the logits below, chunk by chunk
             return softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                          LOGIT_SOFTCAP, reduction=loss_reduction)
-        if last_only:
+        if positions is not None:
+            x = x[torch.arange(B, device=x.device), positions].unsqueeze(1)
+        elif last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)  # (B, T, vocab_size)
         return soft_cap(logits.float()) if capped else logits  # capped in fp32, also under bf16 autocast

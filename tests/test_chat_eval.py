@@ -77,7 +77,8 @@ class ScriptedModel(GPT):
         self.script = {tuple(p): list(a) + [assistant_end] for p, a in script.items()}
         self.forward_batch_sizes = []
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False, capped=True,
+                positions=None):
         B, T = idx.shape
         self.forward_batch_sizes.append(B)
         rows = idx.tolist()
@@ -96,6 +97,8 @@ class ScriptedModel(GPT):
                     k = offset + t - (len(prompt) - 1)  # answer token predicted at this position
                     if 0 <= k < len(answer):
                         logits[b, t, answer[k]] = 10.0
+        if positions is not None:
+            return logits[torch.arange(B), positions].unsqueeze(1)
         return logits[:, -1:] if last_only else logits
 
 
@@ -142,8 +145,8 @@ def test_categorical_only_ranks_the_allowed_letters(tokenizer):
     vocab = tokenizer.get_vocab_size()
 
     class PrefersQ(ScriptedModel):
-        def forward(self, idx, targets=None, kv_cache=None):
-            logits = super().forward(idx)
+        def forward(self, idx, targets=None, kv_cache=None, positions=None):
+            logits = super().forward(idx, positions=positions)
             logits[:, :, tokenizer.encode("Q")[0]] = 100.0  # not an answer letter: ignored
             return logits
 

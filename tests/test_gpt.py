@@ -249,6 +249,19 @@ def test_last_only_logits_are_the_last_position_of_the_full_forward():
     assert cache.get_pos() == 20  # the cache still holds every position
 
 
+def test_logits_at_given_positions_are_those_of_the_full_forward():
+    # chat_eval's padded batches: one position per row, each row's last prompt token
+    model = build(TINY)
+    idx = torch.randint(0, TINY.vocab_size, (4, 20), generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([19, 0, 7, 12])
+    with torch.no_grad():
+        full = model(idx)
+        picked = model(idx, positions=positions)
+    assert picked.shape == (4, 1, TINY.vocab_size)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(4), positions], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(picked[1, 0], picked[0, 0])  # rows read different positions
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attention", ["explicit", "sdpa"])
 def test_backward_keeps_no_more_memory_than_it_reads(dtype, attention, monkeypatch):
