@@ -85,7 +85,7 @@ accuracies, problems, seconds = {}, {}, {}
 for name in task_names:
     print0(f"{name}:")
     task = load_eval_task(name)
-    if task.eval_type == "generative" and not decode_mode and engine.decoder.mode is None:
+    if task.eval_type == "generative" and engine.decoder.mode is None:  # no --decode_mode given, not compiled yet
         task_problems = min(len(task), max_problems) if max_problems > 0 else len(task)
         completions = -(-task_problems // ddp_world_size) * num_samples  # on this rank
         if job_mode(device, completions) == "compile":  # compiled from here on: later tasks reuse the step
